@@ -1,0 +1,1 @@
+"""moshi-webrtc server side: the streaming engine (model, slots, inference thread) and, later, the peer."""

@@ -1,0 +1,396 @@
+"""The streaming engine: call slots on one shared model, run by one inference thread.
+
+Public interface
+----------------
+    engine = create_engine(ModelSource("tiny"), max_calls=4)   # server.engine_setup
+    await engine.start()            # builds the model and warms up, on the inference thread
+    engine.info                     # ModelInfo: name, is_test_model, notice, layout line
+    call = await engine.open_call(seed=None)    # takes a free slot; EngineFull when none
+    result = await call.process(frame)          # frame: float32 [-1, 1], engine.frame_size samples
+    result.audio, result.text                   # the model's 80 ms of audio, a text piece or None
+    call.stats                                  # CallStats: frames, silences, RMS, step times, errors
+    await call.close()                          # frees the slot; pending frames are cancelled
+    await engine.stop()
+
+Rules it keeps:
+- The event loop never runs the model. A single thread owned by the engine
+  does every piece of model work (load, warm-up, reset, step); coroutines
+  submit frames and await futures.
+- One output frame per input frame, in order. Frames of different calls that
+  are ready together run in one batched step; slots with no frame ready are
+  masked out of that step and left untouched.
+- Opening a call resets only its slot, with its own sampling seed (random
+  unless given), so a call never hears a previous caller and two calls with the
+  same seed and input give the same output.
+- Frames must be float32 PCM in [-1, 1]: int16 samples, as ints or as floats,
+  are refused with an error instead of becoming static.
+- An out-of-range token is an error for its call (see `server.tokens`); the
+  call fails, the other calls go on, and the engine counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .stepper import ModelInfo, SlotOutput, Stepper
+
+log = logging.getLogger(__name__)
+
+# A float frame whose peak passes this is int16 audio stored as floats, not a loud frame.
+_FLOAT_PCM_LIMIT = 2.0
+
+
+class EngineNotReady(RuntimeError):
+    """The engine has not finished warming up (or has stopped)."""
+
+
+class EngineFull(RuntimeError):
+    """Every call slot is taken."""
+
+
+class CallClosed(RuntimeError):
+    """The call was closed; it takes no more frames."""
+
+
+def rms(samples: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if samples.size else 0.0
+
+
+def check_frame(frame: Any, frame_size: int) -> np.ndarray:
+    """Return the frame as float32 in [-1, 1], or raise saying what is wrong with it."""
+    if not isinstance(frame, np.ndarray):
+        raise TypeError(f"a frame must be a numpy array, got {type(frame).__name__}")
+    if frame.dtype != np.float32:
+        raise TypeError(
+            f"a frame must be float32 PCM in [-1, 1], got {frame.dtype}; "
+            "convert int16 PCM with samples.astype(np.float32) / 32768"
+        )
+    if frame.shape != (frame_size,):
+        raise ValueError(f"a frame must hold {frame_size} mono samples, got shape {frame.shape}")
+    if not np.isfinite(frame).all():
+        raise ValueError("a frame holds NaN or infinite samples")
+    peak = float(np.abs(frame).max())
+    if peak > _FLOAT_PCM_LIMIT:
+        raise ValueError(
+            f"a frame's peak is {peak:g}, far outside [-1, 1]: this looks like int16 samples "
+            "stored as float; divide by 32768"
+        )
+    return np.clip(frame, -1.0, 1.0)
+
+
+@dataclass
+class FrameResult:
+    """The model's answer to one input frame."""
+
+    audio: np.ndarray  # float32, frame_size samples; zeros when the model had no audio yet
+    text: str | None
+    silent: bool
+    input_rms: float
+    output_rms: float
+    step_ms: float  # duration of the batched step that produced this frame
+    latency_ms: float  # from process() to the result
+
+
+@dataclass
+class CallStats:
+    frames_in: int = 0
+    frames_out: int = 0
+    frames_silent: int = 0
+    frames_dropped: int = 0
+    token_errors: int = 0
+    text_pieces: int = 0
+    last_input_rms: float = 0.0
+    last_output_rms: float = 0.0
+    step_ms_total: float = 0.0
+
+    @property
+    def mean_step_ms(self) -> float:
+        return self.step_ms_total / self.frames_out if self.frames_out else 0.0
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    slot_steps: int = 0
+    token_errors: int = 0
+    calls_opened: int = 0
+    step_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+
+
+@dataclass
+class _PendingFrame:
+    call: Call
+    frame: np.ndarray
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    submitted: float
+
+
+class Call:
+    """One caller's hold on a slot. Created by `Engine.open_call`."""
+
+    def __init__(self, engine: Engine, slot: int, call_id: int, seed: int):
+        self.engine = engine
+        self.slot = slot
+        self.call_id = call_id
+        self.seed = seed
+        self.stats = CallStats()
+        self.closed = False
+        self.error: Exception | None = None
+
+    async def process(self, frame: np.ndarray) -> FrameResult:
+        """Submit one frame and await the model's frame for it."""
+        if self.closed:
+            raise CallClosed(f"call {self.call_id} is closed")
+        if self.error is not None:
+            raise self.error
+        frame = check_frame(frame, self.engine.frame_size)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.stats.frames_in += 1
+        log.debug("call %d slot %d input rms %.4f", self.call_id, self.slot, rms(frame))
+        self.engine._submit(_PendingFrame(self, frame, future, loop, time.perf_counter()))
+        return await future
+
+    async def close(self) -> None:
+        await self.engine._close_call(self)
+
+    def _deliver(self, pending: _PendingFrame, output: SlotOutput, step_ms: float) -> None:
+        """On the event loop: account for the step's output and resolve the frame's future."""
+        if pending.future.done():
+            return
+        if output.error is not None:
+            self.stats.token_errors += 1
+            self.error = output.error
+            pending.future.set_exception(output.error)
+            return
+        silent = output.audio is None
+        audio = np.zeros(self.engine.frame_size, np.float32) if silent else output.audio.astype(np.float32)
+        result = FrameResult(
+            audio=audio,
+            text=output.text,
+            silent=silent,
+            input_rms=rms(pending.frame),
+            output_rms=rms(audio),
+            step_ms=step_ms,
+            latency_ms=1000 * (time.perf_counter() - pending.submitted),
+        )
+        self.stats.frames_out += 1
+        self.stats.frames_silent += int(silent)
+        self.stats.text_pieces += int(output.text is not None)
+        self.stats.last_input_rms = result.input_rms
+        self.stats.last_output_rms = result.output_rms
+        self.stats.step_ms_total += step_ms
+        pending.future.set_result(result)
+
+
+class Engine:
+    """Call slots on one shared model, stepped by the engine's own inference thread."""
+
+    def __init__(self, stepper_factory: Callable[[], Stepper], *, thread_name: str = "moshi-inference"):
+        self._factory = stepper_factory
+        self._thread_name = thread_name
+        self._stepper: Stepper | None = None
+        self._thread: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._ops: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._pending: list[deque[_PendingFrame]] = []
+        self._slots: list[Call | None] = []
+        self._stopping = False
+        self._next_call_id = 1
+        self.ready = False
+        self.stats = EngineStats()
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build the stepper and warm up on the inference thread; calls are accepted afterwards."""
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
+        self._thread.start()
+        stepper = await self._run_op(self._factory)
+        self._pending = [deque() for _ in range(stepper.batch_size)]
+        self._slots = [None] * stepper.batch_size
+        self._stepper = stepper
+        started = time.perf_counter()
+        await self._run_op(stepper.warm_up)
+        log.info("engine warmed up in %.2f s: %s, %d call slots", time.perf_counter() - started,
+                 stepper.info.name, stepper.batch_size)
+        self.ready = True
+
+    async def stop(self) -> None:
+        """Fail what is pending, end the thread. Idempotent."""
+        self.ready = False
+        with self._cond:
+            self._stopping = True
+            pending = [p for queue in self._pending for p in queue]
+            for queue in self._pending:
+                queue.clear()
+            self._cond.notify_all()
+        for item in pending:
+            item.loop.call_soon_threadsafe(_fail_future, item.future, EngineNotReady("engine stopped"))
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10)
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def stepper(self) -> Stepper:
+        if self._stepper is None:
+            raise EngineNotReady("the engine has not started")
+        return self._stepper
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.stepper.info
+
+    @property
+    def frame_size(self) -> int:
+        return self.stepper.frame_size
+
+    @property
+    def sample_rate(self) -> int:
+        return self.stepper.sample_rate
+
+    @property
+    def batch_size(self) -> int:
+        return self.stepper.batch_size
+
+    @property
+    def free_slots(self) -> int:
+        with self._cond:
+            return sum(call is None for call in self._slots)
+
+    @property
+    def active_calls(self) -> list[Call]:
+        with self._cond:
+            return [call for call in self._slots if call is not None]
+
+    # -- calls ------------------------------------------------------------------------------
+
+    async def open_call(self, seed: int | None = None) -> Call:
+        """Take a free slot and reset it. Raises EngineNotReady before warm-up, EngineFull when full."""
+        if not self.ready:
+            raise EngineNotReady("the engine is still warming up")
+        with self._cond:
+            free = [slot for slot, call in enumerate(self._slots) if call is None]
+            if not free:
+                raise EngineFull(f"all {len(self._slots)} call slots are busy")
+            slot = free[0]
+            call = Call(self, slot, self._next_call_id, seed if seed is not None else secrets.randbits(63))
+            self._next_call_id += 1
+            self._slots[slot] = call
+        try:
+            await self._run_op(lambda: self.stepper.reset_slots([slot], [call.seed]))
+        except BaseException:
+            with self._cond:
+                self._slots[slot] = None
+            raise
+        self.stats.calls_opened += 1
+        log.info("call %d opened in slot %d (seed %d)", call.call_id, slot, call.seed)
+        return call
+
+    async def _close_call(self, call: Call) -> None:
+        if call.closed:
+            return
+        call.closed = True
+        with self._cond:
+            dropped = list(self._pending[call.slot])
+            self._pending[call.slot].clear()
+        for item in dropped:
+            item.future.cancel()
+        if not self._stopping:
+            # A no-op through the thread: once it runs, no step still holds this call's frame.
+            await self._run_op(lambda: None)
+        with self._cond:
+            if self._slots[call.slot] is call:
+                self._slots[call.slot] = None
+        log.info("call %d closed, slot %d free (%d frames in, %d out, %d silent)", call.call_id, call.slot,
+                 call.stats.frames_in, call.stats.frames_out, call.stats.frames_silent)
+
+    def _submit(self, item: _PendingFrame) -> None:
+        with self._cond:
+            if self._stopping:
+                raise EngineNotReady("engine stopped")
+            self._pending[item.call.slot].append(item)
+            self._cond.notify()
+
+    async def _run_op(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the inference thread between steps and await its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                raise EngineNotReady("engine stopped")
+            self._ops.append((fn, future))
+            self._cond.notify()
+        return await asyncio.wrap_future(future)
+
+    # -- the inference thread --------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._ops or any(self._pending)):
+                    self._cond.wait()
+                if self._stopping:
+                    ops, batch = list(self._ops), []
+                    self._ops.clear()
+                else:
+                    ops = list(self._ops)
+                    self._ops.clear()
+                    batch = [queue.popleft() for queue in self._pending if queue]
+            for fn, future in ops:
+                if self._stopping:
+                    future.set_exception(EngineNotReady("engine stopped"))
+                    continue
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                    future.set_exception(exc)
+            if self._stopping:
+                return
+            if batch:
+                self._step(batch)
+
+    def _step(self, batch: list[_PendingFrame]) -> None:
+        stepper = self.stepper
+        frames = np.zeros((stepper.batch_size, stepper.frame_size), dtype=np.float32)
+        rows = np.zeros(stepper.batch_size, dtype=bool)
+        for item in batch:
+            frames[item.call.slot] = item.frame
+            rows[item.call.slot] = True
+        started = time.perf_counter()
+        try:
+            outputs = stepper.step(frames, rows)
+        except Exception as exc:
+            log.exception("engine step failed for slots %s", np.flatnonzero(rows).tolist())
+            for item in batch:
+                item.loop.call_soon_threadsafe(_fail_future, item.future, exc)
+            return
+        step_ms = 1000 * (time.perf_counter() - started)
+        self.stats.steps += 1
+        self.stats.slot_steps += len(batch)
+        self.stats.step_ms.append(step_ms)
+        for item in batch:
+            output = outputs[item.call.slot]
+            if output.error is not None:
+                self.stats.token_errors += 1
+                log.error("call %d: %s", item.call.call_id, output.error)
+            item.loop.call_soon_threadsafe(item.call._deliver, item, output, step_ms)
+
+
+def _fail_future(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

@@ -1,0 +1,50 @@
+"""Wiring: from a model source and options to a ready-to-start Engine.
+
+The stepper (model load, LMGen, streaming state, CUDA graphs) is built by a
+factory that the engine runs on its own inference thread, so the event loop
+never loads or runs the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from .echo_step import EchoStepper
+from .engine import Engine
+from .model_check import default_device, default_dtype
+from .model_source import ModelSource, load_model
+from .moshi_step import MoshiStepper, SamplingConfig
+from .stepper import Stepper
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24000
+
+
+def build_stepper(
+    source: ModelSource,
+    max_calls: int,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    sampling: SamplingConfig | None = None,
+    frame_size: int | None = None,
+    echo_delay_frames: int = 1,
+) -> Stepper:
+    if max_calls < 1:
+        raise ValueError("max_calls must be at least 1")
+    if source.is_echo:
+        return EchoStepper(max_calls, frame_size=frame_size or 1920, sample_rate=SAMPLE_RATE,
+                           delay_frames=echo_delay_frames)
+    torch_device = torch.device(device) if device is not None else default_device()
+    torch_dtype = dtype if dtype is not None else default_dtype(torch_device)
+    model = load_model(source, torch_device, torch_dtype)
+    return MoshiStepper(model, max_calls, sampling or SamplingConfig(), sample_rate=SAMPLE_RATE,
+                        frame_size=frame_size)
+
+
+def create_engine(source: ModelSource, max_calls: int = 1, **options) -> Engine:
+    """An Engine for `source`; `await engine.start()` loads and warms it up. Options: see build_stepper."""
+    return Engine(functools.partial(build_stepper, source, max_calls, **options))

@@ -1,0 +1,221 @@
+"""One batched step of Moshi: ONE Mimi encodes, LMGen steps, the SAME Mimi decodes.
+
+B call slots share one `MimiModel` and one `LMGen`, both streaming at batch B
+for the life of the process (`streaming_forever`). Per step:
+
+1. Mimi encodes the frames of the slots that have one (exec mask = those
+   slots; the others' streaming state is untouched).
+2. A slot's first frame is shaped by left padding: its codes are dropped and
+   that slot's encoder state is reset, as moshi's own server does.
+3. The caller's codebooks are checked against the audio card, then LMGen
+   steps the slots that have a frame past their first.
+4. The output is routed by `server.tokens`: channel 0 is text, channels
+   1..dep_q are the model's audio; rows not generated yet are skipped.
+5. The same Mimi decodes the audio codebooks of the rows that have them.
+
+Everything here runs on the engine's inference thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from moshi.models.lm import LMGen
+from moshi.modules.streaming import StreamingModule
+from moshi.run_inference import get_condition_tensors
+
+from . import sampling
+from .model_check import check_layout, read_layout
+from .model_source import LoadedModel
+from .stepper import ModelInfo, SlotOutput
+from .tokens import TextPieces, check_codes, route_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """LMGen's sampling knobs; None keeps the checkpoint's lm_gen_config value, else moshi's default."""
+
+    use_sampling: bool | None = None
+    temp: float | None = None
+    temp_text: float | None = None
+    top_k: int | None = None
+    top_k_text: int | None = None
+
+    def lm_gen_kwargs(self, checkpoint_defaults: dict) -> dict:
+        merged = {k: v for k, v in checkpoint_defaults.items() if k in {f.name for f in fields(self)}}
+        merged.update({f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None})
+        return merged
+
+
+GREEDY = SamplingConfig(use_sampling=False)
+
+
+def _outermost_streaming(module: torch.nn.Module) -> list[StreamingModule]:
+    """The streaming modules at or below `module` that own their children's streaming state."""
+    if isinstance(module, StreamingModule):
+        return [module]
+    return [found for child in module.children() for found in _outermost_streaming(child)]
+
+
+class MoshiStepper:
+    """B call slots on one Mimi and one LMGen. Build and use it on the inference thread only."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        batch_size: int,
+        sampling_config: SamplingConfig = SamplingConfig(),  # noqa: B008 - frozen dataclass
+        sample_rate: int = 24000,
+        frame_size: int | None = None,
+    ):
+        self.layout = read_layout(model.mimi, model.lm, model.text_tokenizer)
+        log.info("model %s: %s", model.name, self.layout.describe())
+        check_layout(self.layout, sample_rate=sample_rate, frame_size=frame_size)
+        if model.is_test_model:
+            log.warning("%s", model.notice)
+
+        self.batch_size = batch_size
+        self.frame_size = self.layout.frame_size
+        self.sample_rate = self.layout.sample_rate
+        self.device = model.lm.device
+        self.mimi = model.mimi
+        self.info = ModelInfo(
+            name=model.name,
+            is_test_model=model.is_test_model,
+            kind="moshi",
+            notice=model.notice,
+            layout=self.layout.describe(),
+        )
+        lm = model.lm
+        gen_kwargs = sampling_config.lm_gen_kwargs(model.lm_gen_config)
+        self.lm_gen = LMGen(
+            lm,
+            support_out_of_sync=True,  # without it, resetting one slot silences every slot for a step
+            condition_tensors=get_condition_tensors(model.model_type, lm, batch_size=batch_size, cfg_coef=1.0),
+            **gen_kwargs,
+        )
+        self.noise: sampling.SlotNoise | None = None
+        if self.lm_gen.use_sampling:
+            sampling.install()
+            widths = sampling.sampling_site_widths(
+                lm.text_card, lm.card, lm.dep_q, self.lm_gen.top_k_text, self.lm_gen.top_k
+            )
+            self.noise = sampling.SlotNoise(batch_size, widths, self.device)
+        self.text = TextPieces(
+            model.text_tokenizer, (lm.existing_text_end_padding_id, lm.existing_text_padding_id)
+        )
+        self._encoder_side = [
+            streaming
+            for module in (self.mimi.encoder, self.mimi.encoder_transformer, getattr(self.mimi, "downsample", None))
+            if module is not None
+            for streaming in _outermost_streaming(module)
+        ]
+        self._frames_seen = np.zeros(batch_size, dtype=np.int64)
+        self.mimi.streaming_forever(batch_size)
+        self.lm_gen.streaming_forever(batch_size)
+
+    def _mask(self, rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(rows, dtype=bool)).to(self.device)
+
+    @torch.no_grad()
+    def reset_slots(self, slots: list[int], seeds: list[int]) -> None:
+        """A new call in these slots: clear their Mimi and LM state, and reseed their sampling."""
+        rows = np.zeros(self.batch_size, dtype=bool)
+        rows[slots] = True
+        mask = self._mask(rows)
+        self.mimi.reset_streaming(mask)
+        self.lm_gen.reset_streaming(mask)
+        self._frames_seen[rows] = 0
+        if self.noise is not None:
+            for slot, seed in zip(slots, seeds):
+                self.noise.seed(slot, seed)
+
+    def _reset_encoder(self, rows: np.ndarray) -> None:
+        mask = self._mask(rows)
+        for module in self._encoder_side:
+            module.reset_streaming(mask)
+
+    def _encode(self, frames: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        audio = torch.from_numpy(frames).to(self.device)[:, None, :]
+        self.mimi.set_exec_mask(self._mask(rows))
+        return self.mimi.encode(audio)
+
+    def _generate(self, user_codes: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        self.lm_gen.set_exec_mask(self._mask(rows))
+        noise = self.noise.step(rows) if self.noise is not None else contextlib.nullcontext()
+        with noise:
+            tokens = self.lm_gen.step(user_codes)
+        if tokens is None:
+            raise RuntimeError("LMGen returned no tokens although it supports out-of-sync slots")
+        return tokens
+
+    def _decode(self, audio_codes: torch.Tensor, rows: np.ndarray) -> np.ndarray:
+        self.mimi.set_exec_mask(self._mask(rows))
+        pcm = self.mimi.decode(audio_codes)
+        return pcm[:, 0].float().cpu().numpy()
+
+    @torch.no_grad()
+    def step(self, frames: np.ndarray, rows: np.ndarray) -> list[SlotOutput]:
+        rows = np.asarray(rows, dtype=bool).copy()
+        outputs = [SlotOutput() for _ in range(self.batch_size)]
+        codes = self._encode(frames, rows)
+
+        first = rows & (self._frames_seen == 0)
+        self._frames_seen[rows] += 1
+        if first.any():
+            self._reset_encoder(first)
+        lm_rows = rows & ~first
+        if not lm_rows.any():
+            return outputs
+
+        user_codes = codes[:, : self.layout.user_codebooks]
+        for slot, error in check_codes(
+            user_codes[:, :, 0].cpu().numpy(), lm_rows, self.layout.card, "Mimi encoder output"
+        ).items():
+            outputs[slot].error = error
+            lm_rows[slot] = False
+        if not lm_rows.any():
+            return outputs
+        # Rows that do not execute get a valid filler id: LMGen feeds them initial tokens anyway.
+        user_codes = torch.where(self._mask(lm_rows)[:, None, None], user_codes, torch.zeros_like(user_codes))
+
+        tokens = self._generate(user_codes, lm_rows)
+        routed = route_step(
+            tokens[:, :, 0].cpu().numpy(),
+            lm_rows,
+            text_card=self.layout.text_card,
+            card=self.layout.card,
+            dep_q=self.layout.dep_q,
+        )
+        decode_rows = np.array([row.decode_audio for row in routed], dtype=bool)
+        for slot in np.flatnonzero(lm_rows):
+            outputs[slot].error = routed[slot].error
+            outputs[slot].text = self.text.piece(routed[slot].text_id)
+        if decode_rows.any():
+            audio_codes = tokens[:, 1 : 1 + self.layout.dep_q]  # channel 0 is text: never decoded
+            audio_codes = torch.where(
+                self._mask(decode_rows)[:, None, None], audio_codes, torch.zeros_like(audio_codes)
+            )
+            pcm = self._decode(audio_codes, decode_rows)
+            for slot in np.flatnonzero(decode_rows):
+                outputs[slot].audio = pcm[slot].copy()
+        return outputs
+
+    def warm_up(self, steps: int | None = None) -> None:
+        """Run full-batch steps (which also captures the CUDA graphs), then clear every slot."""
+        steps = steps if steps is not None else 4 + self.layout.max_delay
+        rows = np.ones(self.batch_size, dtype=bool)
+        all_slots = list(range(self.batch_size))
+        self.reset_slots(all_slots, all_slots)
+        silence = np.zeros((self.batch_size, self.frame_size), dtype=np.float32)
+        for _ in range(steps):
+            self.step(silence, rows)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.reset_slots(all_slots, all_slots)

@@ -1,0 +1,1 @@
+"""moshi-webrtc signaling: the aiohttp app (offer/answer, ICE servers, auth, limits)."""
