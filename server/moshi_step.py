@@ -133,7 +133,7 @@ class MoshiStepper:
         self.lm_gen.reset_streaming(mask)
         self._frames_seen[rows] = 0
         if self.noise is not None:
-            for slot, seed in zip(slots, seeds):
+            for slot, seed in zip(slots, seeds, strict=True):
                 self.noise.seed(slot, seed)
 
     def _reset_encoder(self, rows: np.ndarray) -> None:

@@ -62,7 +62,7 @@ def route_step(tokens: np.ndarray, rows: np.ndarray, *, text_card: int, card: in
         row = tokens[slot]
         row_out = routed[slot]
         limits = [text_card] + [card] * dep_q
-        for channel, (token, limit) in enumerate(zip(row.tolist(), limits)):
+        for channel, (token, limit) in enumerate(zip(row.tolist(), limits, strict=True)):
             if token in (UNGENERATED, ZERO_TOKEN):
                 continue
             if token < 0 or token >= limit:
