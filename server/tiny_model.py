@@ -25,6 +25,8 @@ loading path can be tested on it.
 
 from __future__ import annotations
 
+import copy
+import functools
 import io
 import json
 import math
@@ -162,8 +164,8 @@ def build_tiny_tokenizer() -> bytes:
 
 
 def _calibration_audio(sample_rate: int, generator: torch.Generator) -> torch.Tensor:
-    """Sweeps and noise at several levels: enough variety to fit every codebook, [16, 1, 2 s]."""
-    t = torch.arange(2 * sample_rate) / sample_rate
+    """Sweeps and noise at several levels: 256 frames to fit 128-entry codebooks, [16, 1, 1.28 s]."""
+    t = torch.arange(16 * 1920) / sample_rate
     signals = []
     for k in range(16):
         base_hz = 80.0 * (1.25**k)
@@ -178,17 +180,14 @@ def fit_codebooks(mimi: MimiModel, generator: torch.Generator) -> None:
     """Give a random Mimi usable codebooks with moshi's own k-means initialisation.
 
     moshi's residual quantizer initialises one more level per training forward
-    pass, so the calibration signal is passed once per codebook.
+    pass, so the calibration signal is passed once per active codebook.
     """
-    active = mimi.num_codebooks
-    mimi.set_num_codebooks(mimi.total_codebooks)
     audio = _calibration_audio(mimi.sample_rate, generator)
     mimi.quantizer.train()
     with torch.no_grad():
-        for _ in range(mimi.total_codebooks):
+        for _ in range(mimi.num_codebooks):
             mimi(audio)
     mimi.eval()
-    mimi.set_num_codebooks(active)
 
 
 def he_init_convolutions(mimi: MimiModel) -> None:
@@ -228,7 +227,19 @@ class TinyModel:
 
 
 def build_tiny_model(seed: int = TINY_DEFAULT_SEED, device: str | torch.device = "cpu") -> TinyModel:
-    """The tiny model in memory. The same seed always gives the same weights."""
+    """The tiny model in memory, a fresh copy each time. The same seed always gives the same weights."""
+    template = _tiny_template(seed)
+    return TinyModel(
+        copy.deepcopy(template.mimi).to(device),
+        copy.deepcopy(template.lm).to(device),
+        template.tokenizer_proto,
+        dict(template.lm_config),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_template(seed: int) -> TinyModel:
+    """Building takes about a second (codebook fitting); tests build many engines, so keep one per seed."""
     tokenizer_proto = build_tiny_tokenizer()
     text_card = sentencepiece.SentencePieceProcessor(model_proto=tokenizer_proto).vocab_size()
     lm_config = tiny_lm_config(text_card)
@@ -240,7 +251,7 @@ def build_tiny_model(seed: int = TINY_DEFAULT_SEED, device: str | torch.device =
         fit_codebooks(mimi, torch.Generator().manual_seed(seed))
         level_decoder_output(mimi, torch.Generator().manual_seed(seed + 1))
         lm = loaders.get_moshi_lm(None, lm_kwargs=lm_config, device="cpu", dtype=torch.float32)
-    return TinyModel(mimi.to(device), lm.to(device), tokenizer_proto, lm_config)
+    return TinyModel(mimi, lm, tokenizer_proto, lm_config)
 
 
 TINY_FILES = {

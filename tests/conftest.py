@@ -1,0 +1,64 @@
+"""Shared helpers for the engine tests: real moshi classes, the built-in tiny model, CPU only."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")  # skip the slow first-step compile on CPU
+os.environ.setdefault("NO_CUDA_GRAPH", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from server.engine import Engine, FrameResult  # noqa: E402
+from server.engine_setup import create_engine  # noqa: E402
+from server.model_source import ModelSource  # noqa: E402
+from server.moshi_step import GREEDY  # noqa: E402
+
+FRAME = 1920
+SAMPLE_RATE = 24000
+
+
+def noise_frames(seed: int, count: int, level: float = 0.1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(level * rng.standard_normal(FRAME)).astype(np.float32) for _ in range(count)]
+
+
+def tone_frames(hz: float, count: int, dbfs: float = -20.0) -> list[np.ndarray]:
+    amplitude = 10 ** (dbfs / 20) * np.sqrt(2)  # a sine of this amplitude has RMS at `dbfs`
+    t = np.arange(count * FRAME) / SAMPLE_RATE
+    return list((amplitude * np.sin(2 * np.pi * hz * t)).astype(np.float32).reshape(count, FRAME))
+
+
+async def run_call(engine: Engine, frames: list[np.ndarray], seed: int | None = 1234) -> list[FrameResult]:
+    call = await engine.open_call(seed=seed)
+    try:
+        return [await call.process(frame) for frame in frames]
+    finally:
+        await call.close()
+
+
+def audio_of(results: list[FrameResult]) -> np.ndarray:
+    return np.concatenate([r.audio for r in results])
+
+
+def texts_of(results: list[FrameResult]) -> list[str | None]:
+    return [r.text for r in results]
+
+
+@pytest.fixture
+async def tiny_engine():
+    """A started 3-slot tiny engine with greedy decoding."""
+    engine = create_engine(ModelSource("tiny"), max_calls=3, sampling=GREEDY)
+    await engine.start()
+    yield engine
+    await engine.stop()
+
+
+@pytest.fixture
+async def sampling_engine():
+    """A started 3-slot tiny engine that samples (moshi's default temperatures and top-k)."""
+    engine = create_engine(ModelSource("tiny"), max_calls=3)
+    await engine.start()
+    yield engine
+    await engine.stop()

@@ -1,0 +1,91 @@
+"""ONE Mimi encodes and decodes, and its streaming state runs across frames.
+
+Seed 000: a decoder cloned from the encoder kept its own state and the audio
+was garbled. These tests pin that the engine's decoder is its encoder, and
+that frame-by-frame decoding equals decoding in one piece, a comparison that
+a decoder reset between frames fails.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import noise_frames, run_call
+from moshi.models.compression import MimiModel
+
+from server.engine_setup import create_engine
+from server.model_source import ModelSource
+from server.moshi_step import GREEDY
+from server.tiny_model import build_tiny_model
+
+
+@pytest.fixture
+def mimi_spy(monkeypatch):
+    """Record which MimiModel object encodes and decodes, and the codes it decodes."""
+    seen: dict[str, list] = {"encode": [], "decode": []}
+    original_encode, original_decode = MimiModel.encode, MimiModel.decode
+
+    def encode(self, x):
+        seen["encode"].append(id(self))
+        return original_encode(self, x)
+
+    def decode(self, codes):
+        seen["decode"].append((id(self), codes.clone()))
+        return original_decode(self, codes)
+
+    monkeypatch.setattr(MimiModel, "encode", encode)
+    monkeypatch.setattr(MimiModel, "decode", decode)
+    return seen
+
+
+async def test_the_object_that_decodes_is_the_object_that_encodes(mimi_spy):
+    engine = create_engine(ModelSource("tiny"), max_calls=2, sampling=GREEDY)
+    await engine.start()
+    mimi_spy["encode"].clear()  # forget the tiny model's calibration and the warm-up
+    mimi_spy["decode"].clear()
+    results = await run_call(engine, noise_frames(1, 8))
+    mimi = engine.stepper.mimi
+    await engine.stop()
+    assert any(not r.silent for r in results)
+    assert set(mimi_spy["encode"]) == {id(mimi)}
+    assert {owner for owner, _ in mimi_spy["decode"]} == {id(mimi)}
+
+
+def _decode_streaming(mimi: MimiModel, codes: torch.Tensor, reset_between_frames: bool) -> np.ndarray:
+    pieces = []
+    with torch.no_grad(), mimi.streaming(1):
+        for t in range(codes.shape[-1]):
+            if reset_between_frames:
+                mimi.reset_streaming()
+            pieces.append(mimi.decode(codes[:, :, t : t + 1]))
+    return torch.cat(pieces, dim=-1)[0, 0].numpy()
+
+
+def test_streaming_decode_matches_one_piece_and_a_reset_decoder_does_not():
+    mimi = build_tiny_model().mimi
+    codes = torch.randint(0, mimi.cardinality, (1, mimi.num_codebooks, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = mimi.decode(codes)[0, 0].numpy()
+    streamed = _decode_streaming(mimi, codes, reset_between_frames=False)
+    broken = _decode_streaming(mimi, codes, reset_between_frames=True)
+    level = float(np.std(whole))
+    assert np.abs(streamed - whole).max() < 1e-3 * level
+    assert np.abs(broken - whole).max() > 0.1 * level
+
+
+async def test_engine_audio_is_the_one_piece_decode_of_its_codes(mimi_spy):
+    """The engine's output frames, glued together, equal decoding all its codes at once."""
+    engine = create_engine(ModelSource("tiny"), max_calls=1, sampling=GREEDY)
+    await engine.start()
+    mimi_spy["decode"].clear()  # forget warm-up
+    results = await run_call(engine, noise_frames(2, 14))
+    await engine.stop()
+    voiced = [r.audio for r in results if not r.silent]
+    codes = torch.cat([c for _, c in mimi_spy["decode"]], dim=-1)
+    assert codes.shape[-1] == len(voiced) >= 10
+    with torch.no_grad():
+        whole = build_tiny_model().mimi.decode(codes)[0, 0].numpy()
+    engine_audio = np.concatenate(voiced)
+    level = float(np.std(whole))
+    assert np.abs(engine_audio - whole).max() < 1e-3 * level
