@@ -44,7 +44,7 @@ def test_refuses_mimi_with_fewer_codebooks_than_the_lm_reads():
 def test_refuses_audio_cards_that_differ():
     model = _tiny_loaded()
     model.lm.card = 256  # Mimi's codebooks have 128 entries
-    with pytest.raises(ModelMismatch, match=r"audio cards differ: Mimi codebooks have 128 entries, the LM's audio card is 256"):
+    with pytest.raises(ModelMismatch, match=r"audio cards differ: Mimi codebooks have 128 entries, the LM's audio card is 256"):  # noqa: E501
         MoshiStepper(model, batch_size=1)
 
 
