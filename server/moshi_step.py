@@ -117,8 +117,14 @@ class MoshiStepper:
             for streaming in _outermost_streaming(module)
         ]
         self._frames_seen = np.zeros(batch_size, dtype=np.int64)
-        self.mimi.streaming_forever(batch_size)
-        self.lm_gen.streaming_forever(batch_size)
+        # Streaming at batch B for the stepper's life; close() hands the model back.
+        self._streaming = contextlib.ExitStack()
+        self._streaming.enter_context(self.mimi.streaming(batch_size))
+        self._streaming.enter_context(self.lm_gen.streaming(batch_size))
+
+    def close(self) -> None:
+        """Leave streaming mode, so the same model objects can be used again (benchmarks, tests)."""
+        self._streaming.close()
 
     def _mask(self, rows: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(rows, dtype=bool)).to(self.device)
