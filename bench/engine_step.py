@@ -102,10 +102,7 @@ def main() -> None:
     batches = [int(b) for b in (args.batches or default_batches).split(",")]
 
     with torch.no_grad():
-        if args.real_size:
-            model = real_size_model(device, dtype)
-        else:
-            model = load_model(ModelSource("tiny"), device, dtype)
+        model = real_size_model(device, dtype) if args.real_size else load_model(ModelSource("tiny"), device, dtype)
         header = {
             "model": model.name,
             "device": str(device),

@@ -141,3 +141,16 @@ async def test_closing_a_call_cancels_its_queued_frames(tiny_engine):
     assert tiny_engine.free_slots == 3
     with pytest.raises(RuntimeError, match="closed"):
         await call.process(noise_frames(0, 1)[0])
+
+
+async def test_opening_a_call_resets_only_its_own_slot(tiny_engine):
+    mine = noise_frames(1, FRAMES)
+    alone = await run_call(tiny_engine, mine)
+    call = await tiny_engine.open_call(seed=1234)
+    results = [await call.process(frame) for frame in mine[:6]]
+    newcomer = await tiny_engine.open_call()  # resets slot 1 while slot 0 is mid-call
+    await newcomer.process(tone_frames(500, 1)[0])
+    results += [await call.process(frame) for frame in mine[6:]]
+    await newcomer.close()
+    await call.close()
+    assert same(alone, results)
