@@ -46,13 +46,19 @@ class PlaceholderTokenizer:
         return f"<{token}>"
 
 
-def real_size_model(device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """moshiko-pytorch-bf16's architecture (moshi's built-in 7B config) with random weights."""
+def real_size_model(device: torch.device, dtype: torch.dtype, lm_layers: int | None = None) -> LoadedModel:
+    """moshiko-pytorch-bf16's architecture (moshi's built-in 7B config) with random weights.
+
+    `lm_layers` shrinks the main transformer for a smoke run of this code path on a small machine;
+    such a run is not a real-size figure.
+    """
     from moshi.models import loaders
 
+    overrides = {} if lm_layers is None else {"num_layers": lm_layers}
+    name = "moshiko-architecture-random-weights" + ("" if lm_layers is None else f"-{lm_layers}-layers-SMOKE")
     mimi = loaders.get_mimi(None, device=device, num_codebooks=8)
-    lm = loaders.get_moshi_lm(None, device=device, dtype=dtype)
-    return LoadedModel("moshiko-architecture-random-weights", mimi, lm, PlaceholderTokenizer(lm.text_card), True)
+    lm = loaders.get_moshi_lm(None, device=device, dtype=dtype, lm_kwargs_overrides=overrides)
+    return LoadedModel(name, mimi, lm, PlaceholderTokenizer(lm.text_card), True)
 
 
 def time_batch(model: LoadedModel, batch: int, steps: int, warmup: int) -> dict:
@@ -88,6 +94,7 @@ def time_batch(model: LoadedModel, batch: int, steps: int, warmup: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--real-size", action="store_true", help="moshiko's architecture, random weights")
+    parser.add_argument("--lm-layers", type=int, default=None, help="smoke runs only: fewer LM layers")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
     parser.add_argument("--steps", type=int, default=100)
@@ -102,7 +109,10 @@ def main() -> None:
     batches = [int(b) for b in (args.batches or default_batches).split(",")]
 
     with torch.no_grad():
-        model = real_size_model(device, dtype) if args.real_size else load_model(ModelSource("tiny"), device, dtype)
+        if args.real_size:
+            model = real_size_model(device, dtype, args.lm_layers)
+        else:
+            model = load_model(ModelSource("tiny"), device, dtype)
         header = {
             "model": model.name,
             "device": str(device),

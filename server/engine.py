@@ -173,7 +173,8 @@ class Call:
         if output.error is not None:
             self.stats.token_errors += 1
             self.error = output.error
-            pending.future.set_exception(output.error)
+        if self.error is not None:  # frames queued before the failure go down with it
+            pending.future.set_exception(self.error)
             return
         silent = output.audio is None
         audio = np.zeros(self.engine.frame_size, np.float32) if silent else output.audio.astype(np.float32)

@@ -27,7 +27,7 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
 from .model_check import check_config_keys
-from .tiny_model import TEST_MODEL_NOTICE, TINY_DEFAULT_SEED, TINY_MODEL_NAME, build_tiny_model
+from .tiny_model import TINY_DEFAULT_SEED, TINY_MODEL_NAME, build_tiny_model, random_weights_notice
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class LoadedModel:
 
     @property
     def notice(self) -> str | None:
-        return TEST_MODEL_NOTICE if self.is_test_model else None
+        return random_weights_notice(self.name) if self.is_test_model else None
 
 
 def load_checkpoint(

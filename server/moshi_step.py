@@ -181,6 +181,8 @@ class MoshiStepper:
             return outputs
 
         user_codes = codes[:, : self.layout.user_codebooks]
+        # Checked on the host before the LM embeds them: on CUDA an out-of-range id is a device-side
+        # assert that kills the process, so this one small copy per step is worth its sync.
         for slot, error in check_codes(
             user_codes[:, :, 0].cpu().numpy(), lm_rows, self.layout.card, "Mimi encoder output"
         ).items():

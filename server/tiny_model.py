@@ -42,10 +42,11 @@ from safetensors.torch import save_file
 
 TINY_MODEL_NAME = "moshi-webrtc-tiny"
 TINY_DEFAULT_SEED = 20241122
-TEST_MODEL_NOTICE = (
-    "TEST MODEL: this is the built-in tiny model with random weights. "
-    "It babbles; nothing it says means anything."
-)
+
+
+def random_weights_notice(name: str) -> str:
+    """What logs and clients are told about a model with random weights."""
+    return f"TEST MODEL: {name} has random weights. It babbles; nothing it says means anything."
 
 TINY_MIMI_CONFIG: dict = {
     "sample_rate": 24000,
