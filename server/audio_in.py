@@ -1,0 +1,51 @@
+"""Inbound audio: any decoded frame to exact engine frames of float32 mono 24 kHz.
+
+aiortc's Opus decoder hands out packed s16 stereo 48 kHz frames of 20 ms, but
+nothing here assumes it: every frame goes through PyAV's resampler, whatever
+its format, layout and rate, and a new resampler is made when those change
+mid-call. The output is cut into exact engine frames (1920 samples, 80 ms).
+int16 never reaches the engine: the resampler converts to float in [-1, 1].
+
+Channels are averaged here rather than by the resampler: FFmpeg's stereo to
+mono downmix sums the channels at -3 dB each, so the identical-channel stereo
+that aiortc produces would reach the model 3 dB hotter than it was spoken.
+"""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+
+
+class InboundAudio:
+    """Feed decoded `av.AudioFrame`s in; take exact float32 mono frames out."""
+
+    def __init__(self, sample_rate: int = 24000, frame_size: int = 1920):
+        self.sample_rate = sample_rate
+        self.frame_size = frame_size
+        self._resampler: av.AudioResampler | None = None
+        self._source: tuple[str, str, int] | None = None
+        self._pending = np.zeros(0, dtype=np.float32)
+
+    def _resampler_for(self, frame: av.AudioFrame) -> av.AudioResampler:
+        source = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if self._resampler is None or source != self._source:
+            self._resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=self.sample_rate)
+            self._source = source
+        return self._resampler
+
+    def push(self, frame: av.AudioFrame) -> list[np.ndarray]:
+        """Resample one frame; return the whole engine frames now complete (often none)."""
+        pieces = [self._pending]
+        for out in self._resampler_for(frame).resample(frame):
+            planes = out.to_ndarray()  # [channels, samples], planar float
+            pieces.append(planes.mean(axis=0, dtype=np.float32) if planes.shape[0] > 1 else planes[0])
+        samples = np.concatenate(pieces)
+        whole = len(samples) // self.frame_size
+        cut = whole * self.frame_size
+        self._pending = samples[cut:].copy()
+        return [samples[i : i + self.frame_size].copy() for i in range(0, cut, self.frame_size)]
+
+    @property
+    def buffered_samples(self) -> int:
+        return len(self._pending)
