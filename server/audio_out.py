@@ -1,0 +1,100 @@
+"""Outbound audio: the model's voice as a paced WebRTC track.
+
+aiortc's sender calls `recv()` in a loop and does not pace by pts, so this
+track sleeps until each 20 ms frame is due by the wall clock, stamps pts as a
+running sample count, and sends silence while the model has nothing. Its
+buffer is bounded: when the model's audio backs up (the network or the sender
+fell behind), the oldest audio is dropped and counted, so latency cannot grow
+without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from collections import deque
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+
+class OutboundAudioTrack(MediaStreamTrack):
+    kind = "audio"
+
+    def __init__(self, sample_rate: int = 24000, frame_ms: int = 20, max_buffer_ms: int = 1000):
+        super().__init__()
+        self.sample_rate = sample_rate
+        self.samples_per_frame = sample_rate * frame_ms // 1000
+        self.max_buffer_samples = sample_rate * max_buffer_ms // 1000
+        self._time_base = fractions.Fraction(1, sample_rate)
+        self._chunks: deque[np.ndarray] = deque()
+        self._buffered = 0
+        self._pts = 0
+        self._clock_start: float | None = None
+        self.frames_sent = 0
+        self.silent_frames = 0
+        self.samples_dropped = 0
+
+    @property
+    def buffered_samples(self) -> int:
+        return self._buffered
+
+    def push(self, audio: np.ndarray) -> None:
+        """Queue float32 mono samples in [-1, 1] at the track's rate; drops the oldest past the bound."""
+        if audio.size == 0:
+            return
+        self._chunks.append(np.asarray(audio, dtype=np.float32).reshape(-1))
+        self._buffered += audio.size
+        while self._buffered > self.max_buffer_samples:
+            excess = self._buffered - self.max_buffer_samples
+            oldest = self._chunks[0]
+            if oldest.size <= excess:
+                self._chunks.popleft()
+                dropped = oldest.size
+            else:
+                self._chunks[0] = oldest[excess:]
+                dropped = excess
+            self._buffered -= dropped
+            self.samples_dropped += dropped
+
+    def _take(self, count: int) -> np.ndarray | None:
+        """`count` samples from the buffer, zero-padded; None when it holds nothing."""
+        if self._buffered == 0:
+            return None
+        out = np.zeros(count, dtype=np.float32)
+        filled = 0
+        while filled < count and self._chunks:
+            chunk = self._chunks[0]
+            n = min(count - filled, chunk.size)
+            out[filled : filled + n] = chunk[:n]
+            filled += n
+            if n == chunk.size:
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = chunk[n:]
+        self._buffered -= filled
+        return out
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._clock_start is None:
+            self._clock_start = now
+        due = self._clock_start + self._pts / self.sample_rate
+        if due > now:
+            await asyncio.sleep(due - now)
+        samples = self._take(self.samples_per_frame)
+        if samples is None:
+            samples = np.zeros(self.samples_per_frame, dtype=np.float32)
+            self.silent_frames += 1
+        pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
+        frame.sample_rate = self.sample_rate
+        frame.pts = self._pts
+        frame.time_base = self._time_base
+        self._pts += self.samples_per_frame
+        self.frames_sent += 1
+        return frame
