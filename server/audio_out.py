@@ -6,6 +6,10 @@ running sample count, and sends silence while the model has nothing. Its
 buffer is bounded: when the model's audio backs up (the network or the sender
 fell behind), the oldest audio is dropped and counted, so latency cannot grow
 without end.
+
+Frames leave as s16 *stereo* with both channels equal: aiortc's Opus encoder
+works in stereo, and FFmpeg's mono to stereo upmix puts each channel 3 dB
+down, which the caller would hear as a quieter voice.
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ class OutboundAudioTrack(MediaStreamTrack):
         self.frames_sent = 0
         self.silent_frames = 0
         self.samples_dropped = 0
+
+    @property
+    def clock_start(self) -> float | None:
+        """When the first frame was asked for (time.monotonic); frames are due every 20 ms after it."""
+        return self._clock_start
 
     @property
     def buffered_samples(self) -> int:
@@ -91,7 +100,7 @@ class OutboundAudioTrack(MediaStreamTrack):
             samples = np.zeros(self.samples_per_frame, dtype=np.float32)
             self.silent_frames += 1
         pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.repeat(pcm, 2)[None, :], format="s16", layout="stereo")
         frame.sample_rate = self.sample_rate
         frame.pts = self._pts
         frame.time_base = self._time_base

@@ -62,3 +62,55 @@ async def sampling_engine():
     await engine.start()
     yield engine
     await engine.stop()
+
+
+# -- a real server on loopback ----------------------------------------------------------------
+
+from aiohttp import web  # noqa: E402
+
+from server.ice import use_host_addresses  # noqa: E402
+from signaling.app import SignalingConfig, SignalingService  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def loopback_ice():
+    """ICE host candidates on 127.0.0.1 only: test traffic never leaves loopback."""
+    use_host_addresses(["127.0.0.1"])
+    yield
+    use_host_addresses(None)
+
+
+class RunningServer:
+    def __init__(self, engine: Engine, service: SignalingService, runner: web.AppRunner, url: str):
+        self.engine, self.service, self.runner, self.url = engine, service, runner, url
+
+
+async def start_server(engine: Engine, config: SignalingConfig | None = None, start_engine: bool = True):
+    if start_engine:
+        await engine.start()
+    service = SignalingService(engine, config or SignalingConfig(media_timeout_s=5.0))
+    runner = web.AppRunner(service.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return RunningServer(engine, service, runner, f"http://127.0.0.1:{port}")
+
+
+async def stop_server(server: RunningServer) -> None:
+    await server.runner.cleanup()
+    await server.engine.stop()
+
+
+@pytest.fixture
+async def tiny_server():
+    server = await start_server(create_engine(ModelSource("tiny"), max_calls=2, sampling=GREEDY))
+    yield server
+    await stop_server(server)
+
+
+@pytest.fixture
+async def echo_server():
+    server = await start_server(create_engine(ModelSource("echo"), max_calls=2))
+    yield server
+    await stop_server(server)

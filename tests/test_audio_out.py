@@ -30,11 +30,11 @@ async def test_frames_follow_the_wall_clock_over_five_seconds_with_pts_in_20ms_s
         await track.recv()
 
 
-async def test_audio_comes_out_as_s16_mono_at_its_level_then_silence():
+async def test_audio_comes_out_as_s16_stereo_at_its_level_then_silence():
     track = OutboundAudioTrack(max_buffer_ms=1000)
     track.push(np.full(480, 0.5, dtype=np.float32))
     first, second = await track.recv(), await track.recv()
-    assert (first.format.name, first.layout.name, first.sample_rate, first.samples) == ("s16", "mono", 24000, 480)
+    assert (first.format.name, first.layout.name, first.sample_rate, first.samples) == ("s16", "stereo", 24000, 480)
     assert np.all(first.to_ndarray() == int(0.5 * 32767))
     assert np.all(second.to_ndarray() == 0)
     assert (track.frames_sent, track.silent_frames) == (2, 1)

@@ -1,0 +1,183 @@
+"""A headless caller: places a real WebRTC call to the server, as a browser would.
+
+It offers an Opus audio track and the `events` data channel, POSTs the offer
+to `/offer`, streams audio in real time through a paced track, and records
+what comes back: the reply audio (with arrival times), the transcript and the
+status messages. Used by `moshi-webrtc call`, the end-to-end tests and the
+latency benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from .audio_in import InboundAudio
+from .audio_out import OutboundAudioTrack
+from .ice import IceConfig
+
+SEND_RATE = 48000
+RECORD_RATE = 24000
+
+
+class CallRefused(RuntimeError):
+    def __init__(self, status: int, message: str, retry_after: str | None = None):
+        super().__init__(f"{status}: {message}")
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+@dataclass
+class CallRecording:
+    session_id: str = ""
+    offer_ms: float = 0.0  # POST /offer round trip, ICE gathering on both sides included
+    connect_ms: float = 0.0  # from creating the offer to ICE+DTLS connected
+    first_audio_ms: float | None = None  # from connected to the first non-silent reply frame
+    chunks: list[np.ndarray] = field(default_factory=list)  # reply audio, float32 mono 24 kHz
+    arrivals: list[float] = field(default_factory=list)  # monotonic time each chunk came in
+    texts: list[str] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)
+    end_reason: str | None = None
+
+    @property
+    def audio(self) -> np.ndarray:
+        return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
+
+    @property
+    def transcript(self) -> str:
+        return "".join(self.texts)
+
+    def summary(self) -> dict:
+        audio = self.audio
+        return {
+            "session_id": self.session_id,
+            "offer_ms": round(self.offer_ms, 1),
+            "connect_ms": round(self.connect_ms, 1),
+            "first_audio_ms": None if self.first_audio_ms is None else round(self.first_audio_ms, 1),
+            "reply_seconds": round(len(audio) / RECORD_RATE, 3),
+            "reply_rms": round(float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))), 5) if audio.size else 0.0,
+            "text_messages": len(self.texts),
+            "events": [e.get("type") for e in self.events],
+            "end_reason": self.end_reason,
+        }
+
+
+def read_audio_file(path: str | Path, rate: int = SEND_RATE) -> np.ndarray:
+    """Any file PyAV reads, as float32 mono at `rate` (channels averaged, level kept)."""
+    inbound = InboundAudio(sample_rate=rate, frame_size=rate // 50)
+    chunks = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(audio=0):
+            chunks.extend(inbound.push(frame))
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+
+def write_wav(path: str | Path, samples: np.ndarray, rate: int = RECORD_RATE) -> None:
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
+
+
+async def place_call(
+    url: str,
+    audio: np.ndarray,
+    *,
+    rate: int = SEND_RATE,
+    tail_s: float = 1.0,
+    events: bool = True,
+    ice: IceConfig | None = None,
+    hang_up: str = "delete",
+    http: aiohttp.ClientSession | None = None,
+) -> CallRecording:
+    """Call `url` (the server's base URL), stream `audio` in real time, record the reply.
+
+    `hang_up`: "delete" ends with DELETE /sessions/{id}, "close" just closes the peer
+    connection, as a caller who vanishes would.
+    """
+    recording = CallRecording()
+    pc = RTCPeerConnection((ice or IceConfig()).rtc_configuration())
+    voice = OutboundAudioTrack(sample_rate=rate, max_buffer_ms=int(1000 * (len(audio) / rate + 60)))
+    voice.push(audio)
+    pc.addTrack(voice)
+    connected = asyncio.Event()
+    reader: asyncio.Task | None = None
+
+    if events:
+        channel = pc.createDataChannel("events")
+
+        @channel.on("message")
+        def on_message(message: str) -> None:
+            event = json.loads(message)
+            recording.events.append(event)
+            if event.get("type") == "text":
+                recording.texts.append(event["text"])
+            elif event.get("type") in ("bye", "error") and recording.end_reason is None:
+                recording.end_reason = event.get("reason")
+
+    @pc.on("connectionstatechange")
+    def on_state() -> None:
+        if pc.connectionState == "connected":
+            connected.set()
+
+    @pc.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        nonlocal reader
+        if track.kind == "audio":
+            reader = asyncio.ensure_future(_record(track, recording))
+
+    own_http = http is None
+    http = http or aiohttp.ClientSession()
+    started = time.monotonic()
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        posted = time.monotonic()
+        async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as response:
+            body = await response.json()
+            if response.status != 200:
+                raise CallRefused(response.status, body.get("error", ""), response.headers.get("Retry-After"))
+        recording.offer_ms = 1000 * (time.monotonic() - posted)
+        recording.session_id = body["session_id"]
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+        await asyncio.wait_for(connected.wait(), 10)
+        recording.connect_ms = 1000 * (time.monotonic() - started)
+        connected_at = time.monotonic()
+        await asyncio.sleep(len(audio) / rate + tail_s)  # the call lasts as long as the audio, plus a tail
+        if hang_up == "delete":
+            async with http.delete(f"{url}/sessions/{recording.session_id}") as response:
+                await response.read()
+        voiced = [t for t, c in zip(recording.arrivals, recording.chunks, strict=True) if np.abs(c).max() > 1e-3]
+        if voiced:
+            recording.first_audio_ms = 1000 * (voiced[0] - connected_at)
+    finally:
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        await pc.close()
+        if own_http:
+            await http.close()
+    return recording
+
+
+async def _record(track: MediaStreamTrack, recording: CallRecording) -> None:
+    inbound = InboundAudio(sample_rate=RECORD_RATE, frame_size=RECORD_RATE // 50)
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            frame = await track.recv()
+            now = time.monotonic()
+            for chunk in inbound.push(frame):
+                recording.chunks.append(chunk)
+                recording.arrivals.append(now)

@@ -1,0 +1,194 @@
+"""One call: an aiortc RTCPeerConnection wired to one engine slot.
+
+    caller's Opus track --recv()--> InboundAudio (PyAV, float32 24 kHz, 1920-sample frames)
+        --> engine Call.process --> OutboundAudioTrack (20 ms, paced)  --> caller
+                                \\-> text pieces --> "events" data channel --> caller
+
+The inbound track is read for the whole call (an unread aiortc track grows
+its queue without bound). A call ends, once, when the caller hangs up, the
+connection fails or closes, the track ends or stays silent past the media
+timeout, the engine fails the call, or the server hangs up (DELETE). Ending
+frees the engine slot, stops the tracks and closes the peer connection.
+
+Messages on `events` (JSON): `ready` (model, test_model, notice), `text`
+(text), `error` (reason), `bye` (reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from .audio_in import InboundAudio
+from .audio_out import OutboundAudioTrack
+from .engine import Call, Engine, rms
+from .ice import IceConfig
+
+log = logging.getLogger(__name__)
+
+EVENTS_LABEL = "events"
+
+
+@dataclass
+class PeerStats:
+    connected_at: float | None = None
+    frames_to_engine: int = 0
+    frames_from_engine: int = 0
+    text_messages: int = 0
+    input_rms_sum: float = 0.0
+
+    @property
+    def mean_input_rms(self) -> float:
+        return self.input_rms_sum / self.frames_to_engine if self.frames_to_engine else 0.0
+
+
+class CallSession:
+    """A caller's peer connection and engine slot, from offer to hang-up."""
+
+    def __init__(
+        self,
+        session_id: str,
+        engine: Engine,
+        call: Call,
+        ice: IceConfig,
+        media_timeout: float = 10.0,
+        on_end: Callable[[CallSession], None] | None = None,
+    ):
+        self.session_id = session_id
+        self.engine = engine
+        self.call = call
+        self.media_timeout = media_timeout
+        self.pc = RTCPeerConnection(ice.rtc_configuration())
+        self.outbound = OutboundAudioTrack(sample_rate=engine.sample_rate)
+        self.inbound = InboundAudio(sample_rate=engine.sample_rate, frame_size=engine.frame_size)
+        self.events: RTCDataChannel | None = None
+        self.stats = PeerStats()
+        self.started_at = time.monotonic()
+        self.end_reason: str | None = None
+        self.ended = asyncio.Event()
+        self._on_end = on_end
+        self._reader: asyncio.Task | None = None
+        self._ending = False
+        self.pc.on("track", self._on_track)
+        self.pc.on("datachannel", self._on_datachannel)
+        self.pc.on("connectionstatechange", self._on_connection_state)
+
+    # -- setup --------------------------------------------------------------------------------
+
+    async def answer(self, offer: RTCSessionDescription) -> RTCSessionDescription:
+        """Apply the caller's offer; the answer returned already holds our ICE candidates."""
+        await self.pc.setRemoteDescription(offer)
+        self.pc.addTrack(self.outbound)
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        return self.pc.localDescription
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind != "audio" or self._reader is not None:
+            return
+        self._reader = asyncio.ensure_future(self._read_audio(track))
+
+    def _on_datachannel(self, channel: RTCDataChannel) -> None:
+        if channel.label != EVENTS_LABEL:
+            return
+        self.events = channel
+        info = self.engine.info
+        self.send_event({"type": "ready", "model": info.name, "test_model": info.is_test_model,
+                         "notice": info.notice, "session_id": self.session_id})
+
+    async def _on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        log.info("session %s: connection %s", self.session_id, state)
+        if state == "connected" and self.stats.connected_at is None:
+            self.stats.connected_at = time.monotonic()
+        elif state in ("failed", "closed"):
+            await self.hang_up(f"connection {state}")
+
+    # -- media --------------------------------------------------------------------------------
+
+    async def _read_audio(self, track: MediaStreamTrack) -> None:
+        reason = "caller's audio ended"
+        try:
+            while True:
+                try:
+                    frame = await asyncio.wait_for(track.recv(), self.media_timeout)
+                except asyncio.TimeoutError:
+                    reason = f"no audio from the caller for {self.media_timeout:g} s"
+                    self.send_event({"type": "error", "reason": reason})
+                    break
+                for samples in self.inbound.push(frame):
+                    await self._through_engine(samples)
+        except MediaStreamError:
+            pass
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # the engine failed this call: tell the caller, then end it
+            reason = f"engine error: {exc}"
+            log.error("session %s: %s", self.session_id, reason)
+            self.send_event({"type": "error", "reason": reason})
+        asyncio.ensure_future(self.hang_up(reason))
+
+    async def _through_engine(self, samples) -> None:
+        self.stats.frames_to_engine += 1
+        level = rms(samples)
+        self.stats.input_rms_sum += level
+        log.debug("session %s: input rms %.4f", self.session_id, level)
+        result = await self.call.process(samples)
+        self.stats.frames_from_engine += 1
+        self.outbound.push(result.audio)
+        if result.text is not None:
+            self.stats.text_messages += 1
+            self.send_event({"type": "text", "text": result.text})
+
+    def send_event(self, message: dict) -> None:
+        channel = self.events
+        if channel is not None and channel.readyState == "open":
+            channel.send(json.dumps(message))
+
+    # -- ending -------------------------------------------------------------------------------
+
+    async def hang_up(self, reason: str) -> None:
+        """End the call once: say bye, free the slot, stop the tracks, close the peer connection."""
+        if self._ending:
+            await self.ended.wait()
+            return
+        self._ending = True
+        self.end_reason = reason
+        log.info("session %s: ending (%s)", self.session_id, reason)
+        self.send_event({"type": "bye", "reason": reason})
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        await self.call.close()
+        self.outbound.stop()
+        await self.pc.close()
+        self.ended.set()
+        if self._on_end is not None:
+            self._on_end(self)
+
+    def summary(self) -> dict:
+        call = self.call.stats
+        return {
+            "session_id": self.session_id,
+            "connection": self.pc.connectionState,
+            "ended": self.ended.is_set(),
+            "end_reason": self.end_reason,
+            "slot": self.call.slot,
+            "frames_in": call.frames_in,
+            "frames_out": call.frames_out,
+            "frames_silent": call.frames_silent,
+            "text_pieces": call.text_pieces,
+            "token_errors": call.token_errors,
+            "mean_input_rms": round(self.stats.mean_input_rms, 6),
+            "mean_step_ms": round(call.mean_step_ms, 3),
+            "outbound_frames_sent": self.outbound.frames_sent,
+            "outbound_samples_dropped": self.outbound.samples_dropped,
+        }

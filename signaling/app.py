@@ -1,0 +1,152 @@
+"""The HTTP side: offer/answer, hang-up, health, status, and the web page.
+
+    POST   /offer             {"sdp", "type": "offer"} -> 200 {"sdp", "type": "answer", "session_id"}
+    DELETE /sessions/{id}     hang a call up                       -> 200 {"session_id", "ended": true}
+    GET    /sessions/{id}     a call's live figures                -> 200 JSON
+    GET    /healthz           200 once the engine is warm, else 503
+    GET    /status            model, test-model flag, free call slots
+    GET    /                  the web page (web/index.html; assets under /web/)
+
+Errors are JSON `{"error": "..."}` with a 4xx that says what the client got
+wrong, or 503 with `Retry-After` when every call slot is taken.
+The owner of the app starts and stops the engine; the app only uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from server.engine import Engine, EngineFull, EngineNotReady
+from server.ice import IceConfig
+from server.peer import CallSession
+
+from .offer_check import MAX_BODY_BYTES, OfferRejected, parse_offer_json
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+SERVICE_KEY = web.AppKey("service", "SignalingService")
+
+
+@dataclass
+class SignalingConfig:
+    ice: IceConfig = field(default_factory=IceConfig)
+    media_timeout_s: float = 10.0
+    answer_timeout_s: float = 15.0
+    retry_after_s: int = 5
+    web_dir: Path = WEB_DIR
+
+
+def json_error(status: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+class SignalingService:
+    def __init__(self, engine: Engine, config: SignalingConfig | None = None):
+        self.engine = engine
+        self.config = config or SignalingConfig()
+        self.sessions: dict[str, CallSession] = {}
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app[SERVICE_KEY] = self
+        app.router.add_post("/offer", self.post_offer)
+        app.router.add_delete("/sessions/{session_id}", self.delete_session)
+        app.router.add_get("/sessions/{session_id}", self.get_session)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/status", self.status)
+        app.router.add_get("/", self.index)
+        app.router.add_static("/web/", self.config.web_dir)
+        app.on_shutdown.append(self._hang_up_all)
+        return app
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    async def post_offer(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return json_error(413, f"the body is larger than {MAX_BODY_BYTES} bytes; an offer is a few kB")
+        try:
+            offer = parse_offer_json(body, request.content_type)
+        except OfferRejected as rejected:
+            log.info("offer rejected (%d): %s", rejected.status, rejected.message)
+            return json_error(rejected.status, rejected.message)
+        return await self._answer(offer)
+
+    async def _answer(self, offer) -> web.Response:
+        retry = {"Retry-After": str(self.config.retry_after_s)}
+        try:
+            call = await self.engine.open_call()
+        except EngineFull as exc:
+            return json_error(503, f"the line is busy: {exc}; try again shortly", retry)
+        except EngineNotReady as exc:
+            return json_error(503, f"the model is not ready: {exc}", retry)
+        session_id = secrets.token_urlsafe(12)
+        session = CallSession(session_id, self.engine, call, self.config.ice,
+                              media_timeout=self.config.media_timeout_s, on_end=self._forget)
+        try:
+            answer = await asyncio.wait_for(session.answer(offer), self.config.answer_timeout_s)
+        except Exception as exc:  # a bad offer must not leave a peer or a slot behind
+            await session.hang_up("the offer could not be applied")
+            log.info("offer failed: %s: %s", type(exc).__name__, exc)
+            return json_error(400, f"the offer could not be applied: {type(exc).__name__}: {exc}")
+        self.sessions[session_id] = session
+        log.info("session %s: answered, slot %d", session_id, call.slot)
+        return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session_id})
+
+    def _forget(self, session: CallSession) -> None:
+        self.sessions.pop(session.session_id, None)
+
+    def _session(self, request: web.Request) -> CallSession | None:
+        return self.sessions.get(request.match_info["session_id"])
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        if session is None:
+            return json_error(404, "no such session (it may have ended already)")
+        await session.hang_up("hung up by the server")
+        return web.json_response({"session_id": session.session_id, "ended": True})
+
+    async def get_session(self, request: web.Request) -> web.Response:
+        session = self._session(request)
+        if session is None:
+            return json_error(404, "no such session (it may have ended already)")
+        return web.json_response(session.summary())
+
+    async def _hang_up_all(self, app: web.Application) -> None:
+        for session in list(self.sessions.values()):
+            with contextlib.suppress(Exception):
+                await session.hang_up("server shutting down")
+
+    # -- health and page -----------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        if not self.engine.ready:
+            return web.json_response({"ready": False}, status=503, headers={"Retry-After": "2"})
+        return web.json_response({"ready": True})
+
+    async def status(self, request: web.Request) -> web.Response:
+        if not self.engine.ready:
+            return web.json_response({"ready": False}, status=503, headers={"Retry-After": "2"})
+        info = self.engine.info
+        return web.json_response({
+            "ready": True,
+            "model": info.name,
+            "kind": info.kind,
+            "test_model": info.is_test_model,
+            "notice": info.notice,
+            "max_calls": self.engine.batch_size,
+            "free_slots": self.engine.free_slots,
+            "active_sessions": len(self.sessions),
+        })
+
+    async def index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(self.config.web_dir / "index.html")

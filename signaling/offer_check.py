@@ -1,0 +1,59 @@
+"""Checking an offer at the HTTP boundary, before any peer connection exists.
+
+Every rejection is an `OfferRejected` with the HTTP status and a sentence
+saying what is wrong, so a client developer can fix their request, and no
+half-made peer is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiortc import RTCSessionDescription
+from aiortc.sdp import SessionDescription
+
+MAX_BODY_BYTES = 64 * 1024  # a browser's offer is a few kB; anything this large is not an offer
+
+
+class OfferRejected(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def parse_offer_json(body: bytes, content_type: str) -> RTCSessionDescription:
+    """The `POST /offer` body: JSON `{"sdp": ..., "type": "offer"}` with a usable SDP."""
+    if content_type != "application/json":
+        raise OfferRejected(415, f"the body must be application/json, got {content_type or 'no content type'}")
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OfferRejected(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise OfferRejected(400, 'the body must be a JSON object {"sdp": ..., "type": "offer"}')
+    if payload.get("type") != "offer":
+        raise OfferRejected(400, f'"type" must be "offer", got {payload.get("type")!r}')
+    sdp = payload.get("sdp")
+    if not isinstance(sdp, str) or not sdp.strip():
+        raise OfferRejected(400, '"sdp" must be a non-empty string')
+    check_offer_sdp(sdp)
+    return RTCSessionDescription(sdp=sdp, type="offer")
+
+
+def check_offer_sdp(sdp: str) -> None:
+    """The SDP parses, and offers audio with Opus."""
+    if not sdp.lstrip().startswith("v=0"):
+        raise OfferRejected(400, "the SDP does not parse: it must start with the line v=0")
+    try:
+        description = SessionDescription.parse(sdp)
+    except Exception as exc:
+        raise OfferRejected(400, f"the SDP does not parse: {type(exc).__name__}: {exc}") from None
+    audio = [media for media in description.media if media.kind == "audio"]
+    if not audio:
+        kinds = ", ".join(media.kind for media in description.media) or "nothing"
+        raise OfferRejected(422, f"the offer has no audio (it offers {kinds}); the model needs the caller's voice")
+    codecs = {codec.mimeType.lower() for media in audio for codec in media.rtp.codecs}
+    if "audio/opus" not in codecs:
+        offered = ", ".join(sorted(c.split("/", 1)[-1] for c in codecs)) or "no codecs"
+        raise OfferRejected(422, f"the offer's audio has no Opus codec (it offers {offered})")
