@@ -108,7 +108,7 @@ class CallSession:
         log.info("session %s: connection %s", self.session_id, state)
         if state == "connected" and self.stats.connected_at is None:
             self.stats.connected_at = time.monotonic()
-        elif state in ("failed", "closed"):
+        elif state in ("failed", "closed") and not self._ending:
             await self.hang_up(f"connection {state}")
 
     # -- media --------------------------------------------------------------------------------

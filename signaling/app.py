@@ -5,6 +5,7 @@
     GET    /sessions/{id}     a call's live figures                -> 200 JSON
     GET    /healthz           200 once the engine is warm, else 503
     GET    /status            model, test-model flag, free call slots
+    GET    /ice-servers       the STUN/TURN servers clients should use: {"iceServers": [...]}
     GET    /                  the web page (web/index.html; assets under /web/)
 
 Errors are JSON `{"error": "..."}` with a 4xx that says what the client got
@@ -62,6 +63,7 @@ class SignalingService:
         app.router.add_get("/sessions/{session_id}", self.get_session)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/status", self.status)
+        app.router.add_get("/ice-servers", self.ice_servers)
         app.router.add_get("/", self.index)
         app.router.add_static("/web/", self.config.web_dir)
         app.on_shutdown.append(self._hang_up_all)
@@ -147,6 +149,9 @@ class SignalingService:
             "free_slots": self.engine.free_slots,
             "active_sessions": len(self.sessions),
         })
+
+    async def ice_servers(self, request: web.Request) -> web.Response:
+        return web.json_response({"iceServers": [server.to_json() for server in self.config.ice.servers]})
 
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(self.config.web_dir / "index.html")
