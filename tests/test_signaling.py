@@ -141,9 +141,9 @@ async def test_a_track_that_never_sends_ends_the_call_with_a_clear_error():
             bye.set()
 
     await pc.setLocalDescription(await pc.createOffer())
-    async with aiohttp.ClientSession() as http:
-        async with http.post(f"{server.url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as r:
-            answer = await r.json()
+    offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+    async with aiohttp.ClientSession() as http, http.post(f"{server.url}/offer", json=offer) as response:
+        answer = await response.json()
     session = server.service.sessions[answer["session_id"]]
     await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
     await asyncio.wait_for(bye.wait(), 10)
