@@ -17,7 +17,6 @@ Messages on `events` (JSON): `ready` (model, test_model, notice), `text`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -116,7 +115,7 @@ class CallSession:
     async def _read_audio(self, track: MediaStreamTrack) -> None:
         reason = "caller's audio ended"
         try:
-            while True:
+            while not self._ending:  # checked every frame: a cancel racing a frame can be lost in wait_for
                 try:
                     frame = await asyncio.wait_for(track.recv(), self.media_timeout)
                 except asyncio.TimeoutError:
@@ -133,7 +132,8 @@ class CallSession:
             reason = f"engine error: {exc}"
             log.error("session %s: %s", self.session_id, reason)
             self.send_event({"type": "error", "reason": reason})
-        asyncio.ensure_future(self.hang_up(reason))
+        if not self._ending:
+            asyncio.ensure_future(self.hang_up(reason))
 
     async def _through_engine(self, samples) -> None:
         self.stats.frames_to_engine += 1
@@ -165,8 +165,7 @@ class CallSession:
         self.send_event({"type": "bye", "reason": reason})
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+            await asyncio.wait({self._reader}, timeout=1.0)  # it also stops by itself on the next frame
         await self.call.close()
         self.outbound.stop()
         await self.pc.close()

@@ -114,7 +114,7 @@ class SignalingService:
         session = self._session(request)
         if session is None:
             return json_error(404, "no such session (it may have ended already)")
-        await session.hang_up("hung up by the server")
+        await session.hang_up("hung up")
         return web.json_response({"session_id": session.session_id, "ended": True})
 
     async def get_session(self, request: web.Request) -> web.Response:

@@ -1,0 +1,174 @@
+"""The `moshi-webrtc` command: `serve` the model to WebRTC callers, or `call` a server from a WAV file.
+
+This is the one place where the pieces are wired together for a person:
+model source -> engine -> signaling app -> HTTP listener.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+
+import torch
+
+log = logging.getLogger("moshi_webrtc")
+
+AUTO = "auto"
+
+
+def _banner(lines: list[str]) -> str:
+    width = max(len(line) for line in lines) + 4
+    bar = "*" * width
+    return "\n".join([bar, *(f"* {line.ljust(width - 4)} *" for line in lines), bar])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moshi-webrtc", description="Talk to Moshi over WebRTC.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the model to WebRTC callers")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--model", default=AUTO,
+                       help="auto (moshiko on a GPU, else tiny), tiny, echo, a Hugging Face repo id, or a directory")
+    serve.add_argument("--revision", help="Hugging Face revision (branch, tag or commit)")
+    serve.add_argument("--moshi-weight", help="local Moshi weights file (overrides the repo's)")
+    serve.add_argument("--mimi-weight", help="local Mimi weights file (overrides the repo's)")
+    serve.add_argument("--tokenizer", help="local sentencepiece tokenizer (overrides the repo's)")
+    serve.add_argument("--config-path", help="local config.json (overrides the repo's)")
+    serve.add_argument("--lora-weight", help="local LoRA weights file")
+    serve.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    serve.add_argument("--max-calls", type=int, default=4, help="simultaneous calls (engine batch size)")
+    serve.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    serve.add_argument("--temp", type=float, help="audio sampling temperature (default: the checkpoint's, 0.8)")
+    serve.add_argument("--temp-text", type=float, help="text sampling temperature (default 0.7)")
+    serve.add_argument("--top-k", type=int, help="audio top-k (default 250)")
+    serve.add_argument("--top-k-text", type=int, help="text top-k (default 25)")
+    serve.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                       help="STUN/TURN server for both sides, e.g. stun:host:3478 or turn:user:pass@host:3478 "
+                            "(repeatable)")
+    serve.add_argument("--ice-host-address", action="append", default=[], metavar="IP",
+                       help="offer host candidates only on this local address (repeatable; default: all)")
+    serve.add_argument("--media-timeout", type=float, default=10.0,
+                       help="end a call whose caller sends no audio for this many seconds")
+    serve.add_argument("--log-level", default="INFO")
+
+    call = commands.add_parser("call", help="call a server with a WAV file and record the reply")
+    call.add_argument("input", help="audio file to speak (WAV or anything PyAV reads)")
+    call.add_argument("--out", required=True, help="where to write the reply, 24 kHz mono WAV")
+    call.add_argument("--url", default="http://127.0.0.1:8080", help="the server's base URL")
+    call.add_argument("--tail", type=float, default=1.0, help="seconds to keep listening after the file ends")
+    call.add_argument("--ice-server", action="append", default=[], metavar="URL")
+    call.add_argument("--ice-host-address", action="append", default=[], metavar="IP")
+    call.add_argument("--log-level", default="WARNING")
+    return parser
+
+
+# -- serve --------------------------------------------------------------------------------------
+
+
+def _engine_for(args: argparse.Namespace, model: str):
+    from .engine_setup import create_engine
+    from .model_source import ModelSource
+    from .moshi_step import SamplingConfig
+
+    source = ModelSource(model=model, revision=args.revision, moshi_weight=args.moshi_weight,
+                         mimi_weight=args.mimi_weight, tokenizer=args.tokenizer, config_path=args.config_path,
+                         lora_weight=args.lora_weight)
+    sampling = SamplingConfig(use_sampling=False if args.greedy else None, temp=args.temp, temp_text=args.temp_text,
+                              top_k=args.top_k, top_k_text=args.top_k_text)
+    return create_engine(source, max_calls=args.max_calls, device=args.device, sampling=sampling)
+
+
+def _first_choice(args: argparse.Namespace) -> str:
+    if args.model != AUTO:
+        return args.model
+    from moshi.models.loaders import DEFAULT_REPO
+
+    return DEFAULT_REPO if torch.cuda.is_available() else "tiny"
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from signaling.app import SignalingConfig, SignalingService
+
+    from .ice import IceConfig, parse_ice_server, use_host_addresses
+
+    use_host_addresses(args.ice_host_address or None)
+    ice = IceConfig(tuple(parse_ice_server(url) for url in args.ice_server))
+    model = _first_choice(args)
+    engine = _engine_for(args, model)
+    service = SignalingService(engine, SignalingConfig(ice=ice, media_timeout_s=args.media_timeout))
+    runner = web.AppRunner(service.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    log.info("listening on http://%s:%d (healthz answers 503 until the model is warm)", args.host, args.port)
+    try:
+        await engine.start()
+    except Exception as exc:
+        await engine.stop()
+        if args.model != AUTO or model == "tiny":
+            log.critical("refusing to start: %s", exc)
+            await runner.cleanup()
+            return 1
+        log.error("could not load %s (%s); falling back to the tiny test model", model, exc)
+        engine = _engine_for(args, "tiny")
+        service.engine = engine
+        await engine.start()
+    info = engine.info
+    if info.is_test_model:
+        print(_banner([info.notice or "TEST MODEL", f"model: {info.name}",
+                       "For the real Moshi, run on a CUDA host: --model kyutai/moshiko-pytorch-bf16"]),
+              file=sys.stderr, flush=True)
+    print(f"moshi-webrtc: {info.name} ready for {engine.batch_size} calls at http://{args.host}:{args.port}/",
+          file=sys.stderr, flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await runner.cleanup()
+    await engine.stop()
+    return 0
+
+
+# -- call ---------------------------------------------------------------------------------------
+
+
+async def call(args: argparse.Namespace) -> int:
+    from .caller import CallRefused, place_call, read_audio_file, write_wav
+    from .ice import IceConfig, parse_ice_server, use_host_addresses
+
+    use_host_addresses(args.ice_host_address or None)
+    audio = read_audio_file(args.input)
+    ice = IceConfig(tuple(parse_ice_server(url) for url in args.ice_server))
+    try:
+        recording = await place_call(args.url.rstrip("/"), audio, tail_s=args.tail, ice=ice)
+    except CallRefused as refused:
+        print(f"the server refused the call: {refused}", file=sys.stderr)
+        return 2
+    write_wav(args.out, recording.audio)
+    summary = recording.summary()
+    summary["sent_seconds"] = round(len(audio) / 48000, 3)
+    print(json.dumps(summary, indent=2))
+    print(f"transcript: {recording.transcript.strip()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(args) if args.command == "serve" else call(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

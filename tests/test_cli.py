@@ -1,0 +1,75 @@
+"""The `moshi-webrtc` command as a person runs it: `serve` in one process, `call` in another."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from server.caller import write_wav
+
+BIN = Path(sys.executable).parent / "moshi-webrtc"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_and_call_from_the_command_line(tmp_path):
+    port = free_port()
+    env = dict(os.environ, NO_TORCH_COMPILE="1")
+    server = subprocess.Popen(
+        [str(BIN), "serve", "--model", "tiny", "--port", str(port), "--max-calls", "2",
+         "--ice-host-address", "127.0.0.1"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        banner = []
+        for line in server.stderr:  # start-up is announced on stderr; wait for it, not for a timer
+            banner.append(line)
+            if "ready for" in line:
+                break
+        text = "".join(banner)
+        # Keep reading the server's log, or a full pipe would block it mid-call.
+        threading.Thread(target=lambda: [banner.append(line) for line in server.stderr], daemon=True).start()
+        assert "TEST MODEL" in text and "babbles" in text and "ready for 2 calls" in text
+
+        t = np.arange(int(1.5 * 48000)) / 48000
+        write_wav(tmp_path / "in.wav", (0.1 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 48000)
+        done = subprocess.run(
+            [str(BIN), "call", str(tmp_path / "in.wav"), "--out", str(tmp_path / "out.wav"),
+             "--url", f"http://127.0.0.1:{port}", "--tail", "0.3", "--ice-host-address", "127.0.0.1"],
+            capture_output=True, text=True, timeout=60, env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
+        assert summary["connect_ms"] > 0 and summary["events"][0] == "ready" and summary["text_messages"] > 0
+        with wave.open(str(tmp_path / "out.wav")) as reply:
+            assert reply.getframerate() == 24000 and reply.getnchannels() == 1
+            assert abs(reply.getnframes() / 24000 - 1.8) < 0.3
+        assert "transcript:" in done.stdout
+    finally:
+        server.terminate()
+        assert server.wait(timeout=20) == 0
+
+
+def test_serve_refuses_a_model_that_does_not_fit(tmp_path):
+    from server.tiny_model import write_tiny_checkpoint
+
+    directory = write_tiny_checkpoint(tmp_path / "ckpt")
+    config = json.loads((directory / "config.json").read_text())
+    config["unheard_of_option"] = 1
+    (directory / "config.json").write_text(json.dumps(config))
+    done = subprocess.run([str(BIN), "serve", "--model", str(directory), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, NO_TORCH_COMPILE="1"))
+    assert done.returncode == 1
+    assert "refusing to start" in done.stderr and "unheard_of_option" in done.stderr
