@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ from .offer_check import MAX_BODY_BYTES, OfferRejected, parse_offer_json
 
 log = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+# The page lives in the repository's web/; an installed copy is pointed at it by this variable.
+WEB_DIR = Path(os.environ.get("MOSHI_WEBRTC_WEB_DIR", Path(__file__).resolve().parent.parent / "web"))
 SERVICE_KEY = web.AppKey("service", "SignalingService")
 
 
