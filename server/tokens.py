@@ -78,13 +78,13 @@ def route_step(tokens: np.ndarray, rows: np.ndarray, *, text_card: int, card: in
 
 
 class TextPieces:
-    """Turns text ids into the words a person reads; padding ids give nothing."""
+    """Turns text ids into the words a person reads; padding and control ids (<s>, </s>) give nothing."""
 
     def __init__(self, tokenizer: sentencepiece.SentencePieceProcessor, padding_ids: tuple[int, ...] = (0, 3)):
         self.tokenizer = tokenizer
         self.padding_ids = frozenset(padding_ids)
 
     def piece(self, text_id: int | None) -> str | None:
-        if text_id is None or text_id in self.padding_ids:
+        if text_id is None or text_id in self.padding_ids or self.tokenizer.is_control(text_id):
             return None
         return self.tokenizer.id_to_piece(text_id).replace("\u2581", " ")

@@ -69,6 +69,7 @@ def test_text_padding_ids_give_no_text_and_others_give_pieces():
     tokenizer = build_tiny_model().text_tokenizer()
     pieces = TextPieces(tokenizer, padding_ids=(0, 3))
     assert pieces.piece(0) is None and pieces.piece(3) is None and pieces.piece(None) is None
+    assert pieces.piece(1) is None and pieces.piece(2) is None  # <s> and </s> are not text
     word = tokenizer.piece_to_id("\u2581the")
     assert word not in (0, 3)
     assert pieces.piece(word) == " the"

@@ -77,8 +77,9 @@ function endCall(text, isError = false) {
   statsTimer = null;
   meters.forEach((m) => m.stop());
   meters = [];
-  if (call) call.hangUp(text);
-  call = null;
+  const ending = call;
+  call = null; // first, so the "ended" event this raises is ignored
+  if (ending) ending.hangUp(text);
   ui.call.disabled = false;
   ui.hangup.disabled = true;
   ui.state.textContent = "idle";
@@ -91,19 +92,22 @@ async function startCall() {
   say("Asking for the microphone…");
   audioContext = audioContext || new AudioContext();
   await audioContext.resume();
-  call = new Call();
-  window.moshiCall = call; // for debugging and automated checks
-  call.addEventListener("mic", (e) => meters.push(new LevelMeter(audioContext, e.detail, ui.meterIn)));
-  call.addEventListener("remote", (e) => {
-    ui.audio.srcObject = e.detail;
-    meters.push(new LevelMeter(audioContext, e.detail, ui.meterOut));
+  const thisCall = new Call();
+  call = thisCall;
+  window.moshiCall = thisCall; // for debugging and automated checks
+  // Events of a call that has already ended (a late "bye") must not touch the page.
+  const on = (type, handler) => thisCall.addEventListener(type, (e) => { if (call === thisCall) handler(e.detail); });
+  on("mic", (stream) => meters.push(new LevelMeter(audioContext, stream, ui.meterIn)));
+  on("remote", (stream) => {
+    ui.audio.srcObject = stream;
+    meters.push(new LevelMeter(audioContext, stream, ui.meterOut));
   });
-  call.addEventListener("event", (e) => onEvent(e.detail));
-  call.addEventListener("state", (e) => { ui.state.textContent = e.detail; });
-  call.addEventListener("ended", (e) => { if (call) endCall(`Call ended: ${e.detail}.`); });
+  on("event", onEvent);
+  on("state", (state) => { ui.state.textContent = state; });
+  on("ended", (reason) => endCall(`Call ended: ${reason}.`));
   try {
     say("Calling…");
-    await call.start();
+    await thisCall.start();
     ui.hangup.disabled = false;
     statsTimer = setInterval(updateStats, 1000);
   } catch (error) {
