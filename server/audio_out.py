@@ -27,8 +27,12 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 class OutboundAudioTrack(MediaStreamTrack):
     kind = "audio"
 
-    def __init__(self, sample_rate: int = 24000, frame_ms: int = 20, max_buffer_ms: int = 1000):
+    def __init__(
+        self, sample_rate: int = 24000, frame_ms: int = 20, max_buffer_ms: int = 1000, end_when_drained: bool = False
+    ):
+        """`end_when_drained`: end the track once its audio is sent (a caller playing a file), not send silence."""
         super().__init__()
+        self.end_when_drained = end_when_drained
         self.sample_rate = sample_rate
         self.samples_per_frame = sample_rate * frame_ms // 1000
         self.max_buffer_samples = sample_rate * max_buffer_ms // 1000
@@ -96,6 +100,9 @@ class OutboundAudioTrack(MediaStreamTrack):
         if due > now:
             await asyncio.sleep(due - now)
         samples = self._take(self.samples_per_frame)
+        if samples is None and self.end_when_drained:
+            self.stop()
+            raise MediaStreamError
         if samples is None:
             samples = np.zeros(self.samples_per_frame, dtype=np.float32)
             self.silent_frames += 1

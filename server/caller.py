@@ -100,16 +100,19 @@ async def place_call(
     events: bool = True,
     ice: IceConfig | None = None,
     hang_up: str = "delete",
+    silence_after: bool = True,
     http: aiohttp.ClientSession | None = None,
 ) -> CallRecording:
     """Call `url` (the server's base URL), stream `audio` in real time, record the reply.
 
     `hang_up`: "delete" ends with DELETE /sessions/{id}, "close" just closes the peer
-    connection, as a caller who vanishes would.
+    connection, as a caller who vanishes would. `silence_after`: keep sending silence
+    once the audio is out (as an open microphone does), or stop sending.
     """
     recording = CallRecording()
     pc = RTCPeerConnection((ice or IceConfig()).rtc_configuration())
-    voice = OutboundAudioTrack(sample_rate=rate, max_buffer_ms=int(1000 * (len(audio) / rate + 60)))
+    voice = OutboundAudioTrack(sample_rate=rate, max_buffer_ms=int(1000 * (len(audio) / rate + 60)),
+                               end_when_drained=not silence_after)
     voice.push(audio)
     pc.addTrack(voice)
     connected = asyncio.Event()

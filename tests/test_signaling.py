@@ -58,6 +58,9 @@ async def test_bad_offers_get_a_4xx_that_says_what_is_wrong_and_leave_nothing_be
         ({"json": {"sdp": data_only_sdp, "type": "offer"}}, 422, "no audio"),
         ({"json": {"sdp": without_opus(good_sdp), "type": "offer"}}, 422, "no Opus"),
         ({"data": b"x" * (200 * 1024), "headers": {"Content-Type": "application/json"}}, 413, "larger than"),
+        # Parses and offers Opus, but aiortc cannot apply it: the slot taken for it must come back.
+        ({"json": {"sdp": re.sub(r"a=ice-(ufrag|pwd):.*\r\n", "", good_sdp), "type": "offer"}}, 400,
+         "could not be applied"),
     ]
     async with aiohttp.ClientSession() as http:
         for kwargs, status, message in cases:
