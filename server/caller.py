@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import time
 import wave
@@ -25,10 +26,14 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .audio_in import InboundAudio
 from .audio_out import OutboundAudioTrack
-from .ice import IceConfig
+from .ice import IceConfig, IceServer
 
 SEND_RATE = 48000
 RECORD_RATE = 24000
+
+
+class CallFailed(RuntimeError):
+    """The call was answered but media could not flow (ICE or TURN)."""
 
 
 class CallRefused(RuntimeError):
@@ -99,23 +104,34 @@ async def place_call(
     tail_s: float = 1.0,
     events: bool = True,
     ice: IceConfig | None = None,
+    relay_only: bool = False,
     hang_up: str = "delete",
     silence_after: bool = True,
     http: aiohttp.ClientSession | None = None,
 ) -> CallRecording:
     """Call `url` (the server's base URL), stream `audio` in real time, record the reply.
 
+    `ice`: the caller's ICE servers; None asks the server (GET /ice-servers), as the page does.
+    `relay_only`: gather relay candidates only (iceTransportPolicy "relay").
     `hang_up`: "delete" ends with DELETE /sessions/{id}, "close" just closes the peer
     connection, as a caller who vanishes would. `silence_after`: keep sending silence
     once the audio is out (as an open microphone does), or stop sending.
     """
     recording = CallRecording()
-    pc = RTCPeerConnection((ice or IceConfig()).rtc_configuration())
+    own_http = http is None
+    http = http or aiohttp.ClientSession()
+    if ice is None:
+        async with http.get(f"{url}/ice-servers") as response:
+            servers = (await response.json())["iceServers"] if response.status == 200 else []
+        ice = IceConfig(tuple(IceServer.from_json(server) for server in servers))
+    ice = dataclasses.replace(ice, relay_only=relay_only)
+    pc = RTCPeerConnection(ice.rtc_configuration("caller"))
     voice = OutboundAudioTrack(sample_rate=rate, max_buffer_ms=int(1000 * (len(audio) / rate + 60)),
                                end_when_drained=not silence_after)
     voice.push(audio)
     pc.addTrack(voice)
     connected = asyncio.Event()
+    failed = asyncio.Event()
     reader: asyncio.Task | None = None
 
     if events:
@@ -134,6 +150,8 @@ async def place_call(
     def on_state() -> None:
         if pc.connectionState == "connected":
             connected.set()
+        elif pc.connectionState == "failed":
+            failed.set()
 
     @pc.on("track")
     def on_track(track: MediaStreamTrack) -> None:
@@ -141,11 +159,11 @@ async def place_call(
         if track.kind == "audio":
             reader = asyncio.ensure_future(_record(track, recording))
 
-    own_http = http is None
-    http = http or aiohttp.ClientSession()
     started = time.monotonic()
     try:
         await pc.setLocalDescription(await pc.createOffer())
+        if relay_only and " typ relay" not in pc.localDescription.sdp:
+            raise CallFailed("no TURN relay candidate: the TURN server is unreachable or refused the credentials")
         posted = time.monotonic()
         async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as response:
             body = await response.json()
@@ -154,7 +172,9 @@ async def place_call(
         recording.offer_ms = 1000 * (time.monotonic() - posted)
         recording.session_id = body["session_id"]
         await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
-        await asyncio.wait_for(connected.wait(), 10)
+        await _first_of(connected, failed, timeout=10)
+        if not connected.is_set():
+            raise CallFailed(f"ICE did not connect ({pc.connectionState}): no candidate pair worked")
         recording.connect_ms = 1000 * (time.monotonic() - started)
         connected_at = time.monotonic()
         await asyncio.sleep(len(audio) / rate + tail_s)  # the call lasts as long as the audio, plus a tail
@@ -173,6 +193,15 @@ async def place_call(
         if own_http:
             await http.close()
     return recording
+
+
+async def _first_of(*events: asyncio.Event, timeout: float) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def _record(track: MediaStreamTrack, recording: CallRecording) -> None:

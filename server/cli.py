@@ -11,10 +11,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 
 import torch
+
+from .turn import TURN_SECRET_ENV
 
 log = logging.getLogger("moshi_webrtc")
 
@@ -52,6 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ice-server", action="append", default=[], metavar="URL",
                        help="STUN/TURN server for both sides, e.g. stun:host:3478 or turn:user:pass@host:3478 "
                             "(repeatable)")
+    serve.add_argument("--turn-url", action="append", default=[], metavar="URL",
+                       help="TURN server that gets short-lived TURN REST credentials, e.g. "
+                            "turn:turn.example.org:3478?transport=udp (repeatable; needs --turn-secret)")
+    serve.add_argument("--turn-secret", default=os.environ.get(TURN_SECRET_ENV),
+                       help=f"the secret shared with coturn's --static-auth-secret (or ${TURN_SECRET_ENV})")
+    serve.add_argument("--turn-ttl", type=int, default=3600, help="lifetime of issued TURN credentials, seconds")
+    serve.add_argument("--ice-transport-policy", choices=["all", "relay"], default="all",
+                       help="relay: the server's peer and the page use TURN relay candidates only")
     serve.add_argument("--ice-host-address", action="append", default=[], metavar="IP",
                        help="offer host candidates only on this local address (repeatable; default: all)")
     serve.add_argument("--media-timeout", type=float, default=10.0,
@@ -65,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--tail", type=float, default=1.0, help="seconds to keep listening after the file ends")
     call.add_argument("--ice-server", action="append", default=[], metavar="URL")
     call.add_argument("--ice-host-address", action="append", default=[], metavar="IP")
+    call.add_argument("--relay", action="store_true", help="use TURN relay candidates only")
     call.add_argument("--log-level", default="WARNING")
     return parser
 
@@ -101,7 +113,12 @@ async def serve(args: argparse.Namespace) -> int:
     from .ice import IceConfig, parse_ice_server, use_host_addresses
 
     use_host_addresses(args.ice_host_address or None)
-    ice = IceConfig(tuple(parse_ice_server(url) for url in args.ice_server))
+    if args.turn_url and not args.turn_secret:
+        log.critical("--turn-url needs --turn-secret (or $%s)", TURN_SECRET_ENV)
+        return 2
+    ice = IceConfig(tuple(parse_ice_server(url) for url in args.ice_server), turn_urls=tuple(args.turn_url),
+                    turn_secret=args.turn_secret, turn_ttl_s=args.turn_ttl,
+                    relay_only=args.ice_transport_policy == "relay")
     model = _first_choice(args)
     engine = _engine_for(args, model)
     service = SignalingService(engine, SignalingConfig(ice=ice, media_timeout_s=args.media_timeout))
@@ -145,17 +162,20 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 async def call(args: argparse.Namespace) -> int:
-    from .caller import CallRefused, place_call, read_audio_file, write_wav
+    from .caller import CallFailed, CallRefused, place_call, read_audio_file, write_wav
     from .ice import IceConfig, parse_ice_server, use_host_addresses
 
     use_host_addresses(args.ice_host_address or None)
     audio = read_audio_file(args.input)
-    ice = IceConfig(tuple(parse_ice_server(url) for url in args.ice_server))
+    ice = IceConfig(tuple(parse_ice_server(url) for url in args.ice_server)) if args.ice_server else None
     try:
-        recording = await place_call(args.url.rstrip("/"), audio, tail_s=args.tail, ice=ice)
+        recording = await place_call(args.url.rstrip("/"), audio, tail_s=args.tail, ice=ice, relay_only=args.relay)
     except CallRefused as refused:
         print(f"the server refused the call: {refused}", file=sys.stderr)
         return 2
+    except CallFailed as failed:
+        print(f"the call failed: {failed}", file=sys.stderr)
+        return 3
     write_wav(args.out, recording.audio)
     summary = recording.summary()
     summary["sent_seconds"] = round(len(audio) / 48000, 3)

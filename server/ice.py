@@ -1,5 +1,10 @@
 """ICE configuration shared by the server's peers and the clients it hands config to.
 
+Static STUN/TURN servers are used as given. TURN URLs with a shared secret get
+fresh TURN REST credentials for every peer (see `server.turn`). `relay_only`
+makes the server's own peer offer relay candidates only (aiortc's
+`iceTransportPolicy="relay"`), for deployments where media must go through TURN.
+
 Two aiortc defaults matter here:
 - With no `iceServers`, aiortc quietly adds Google's public STUN server. We
   always pass an explicit list (empty unless configured), so the server never
@@ -16,6 +21,9 @@ from dataclasses import dataclass, field
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer
+from aiortc.rtcconfiguration import RTCIceTransportPolicy
+
+from .turn import turn_rest_credentials
 
 _original_host_addresses = aioice.ice.get_host_addresses
 
@@ -31,6 +39,11 @@ class IceServer:
     def to_rtc(self) -> RTCIceServer:
         return RTCIceServer(urls=list(self.urls), username=self.username, credential=self.credential)
 
+    @classmethod
+    def from_json(cls, data: dict) -> IceServer:
+        urls = data["urls"]
+        return cls(tuple([urls] if isinstance(urls, str) else urls), data.get("username"), data.get("credential"))
+
     def to_json(self) -> dict:
         out: dict = {"urls": list(self.urls)}
         if self.username is not None:
@@ -43,9 +56,22 @@ class IceServer:
 @dataclass(frozen=True)
 class IceConfig:
     servers: tuple[IceServer, ...] = field(default_factory=tuple)
+    turn_urls: tuple[str, ...] = ()
+    turn_secret: str | None = None
+    turn_ttl_s: int = 3600
+    relay_only: bool = False
 
-    def rtc_configuration(self) -> RTCConfiguration:
-        return RTCConfiguration(iceServers=[server.to_rtc() for server in self.servers])
+    def servers_for(self, name: str, now: float | None = None) -> list[IceServer]:
+        """The servers one peer should use; TURN with a secret gets credentials for `name` alone."""
+        issued = []
+        if self.turn_secret and self.turn_urls:
+            username, password = turn_rest_credentials(self.turn_secret, name, self.turn_ttl_s, now)
+            issued.append(IceServer(self.turn_urls, username, password))
+        return issued + list(self.servers)  # aiortc uses the first TURN server it is given
+
+    def rtc_configuration(self, name: str = "moshi-webrtc") -> RTCConfiguration:
+        policy = RTCIceTransportPolicy.RELAY if self.relay_only else RTCIceTransportPolicy.ALL
+        return RTCConfiguration(iceServers=[s.to_rtc() for s in self.servers_for(name)], iceTransportPolicy=policy)
 
 
 def parse_ice_server(spec: str) -> IceServer:

@@ -49,6 +49,10 @@ class PeerStats:
         return self.input_rms_sum / self.frames_to_engine if self.frames_to_engine else 0.0
 
 
+class RelayUnavailable(RuntimeError):
+    """Media must go through TURN, and TURN gave this peer no relay address."""
+
+
 class CallSession:
     """A caller's peer connection and engine slot, from offer to hang-up."""
 
@@ -65,7 +69,8 @@ class CallSession:
         self.engine = engine
         self.call = call
         self.media_timeout = media_timeout
-        self.pc = RTCPeerConnection(ice.rtc_configuration())
+        self.relay_only = ice.relay_only
+        self.pc = RTCPeerConnection(ice.rtc_configuration(session_id))
         self.outbound = OutboundAudioTrack(sample_rate=engine.sample_rate)
         self.inbound = InboundAudio(sample_rate=engine.sample_rate, frame_size=engine.frame_size)
         self.events: RTCDataChannel | None = None
@@ -87,6 +92,11 @@ class CallSession:
         await self.pc.setRemoteDescription(offer)
         self.pc.addTrack(self.outbound)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
+        if self.relay_only and " typ relay" not in self.pc.localDescription.sdp:
+            raise RelayUnavailable(
+                "the server got no TURN relay candidate: the TURN server is unreachable or refused "
+                "the server's credentials (check --turn-url and --turn-secret)"
+            )
         return self.pc.localDescription
 
     def _on_track(self, track: MediaStreamTrack) -> None:

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from server.engine import Engine, EngineFull, EngineNotReady
 from server.ice import IceConfig
-from server.peer import CallSession
+from server.peer import CallSession, RelayUnavailable
 
 from .offer_check import MAX_BODY_BYTES, OfferRejected, parse_offer_json
 
@@ -98,6 +98,10 @@ class SignalingService:
                               media_timeout=self.config.media_timeout_s, on_end=self._forget)
         try:
             answer = await asyncio.wait_for(session.answer(offer), self.config.answer_timeout_s)
+        except RelayUnavailable as exc:
+            await session.hang_up("no TURN relay")
+            log.error("offer failed: %s", exc)
+            return json_error(502, str(exc))
         except Exception as exc:  # a bad offer must not leave a peer or a slot behind
             await session.hang_up("the offer could not be applied")
             log.info("offer failed: %s: %s", type(exc).__name__, exc)
@@ -153,7 +157,14 @@ class SignalingService:
         })
 
     async def ice_servers(self, request: web.Request) -> web.Response:
-        return web.json_response({"iceServers": [server.to_json() for server in self.config.ice.servers]})
+        """Servers for one client; TURN credentials, when issued, are fresh, short-lived and its own."""
+        ice = self.config.ice
+        servers = ice.servers_for(f"caller-{secrets.token_hex(6)}")
+        return web.json_response(
+            {"iceServers": [server.to_json() for server in servers],
+             "iceTransportPolicy": "relay" if ice.relay_only else "all"},
+            headers={"Cache-Control": "no-store"},
+        )
 
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(self.config.web_dir / "index.html")

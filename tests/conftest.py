@@ -114,3 +114,52 @@ async def echo_server():
     server = await start_server(create_engine(ModelSource("echo"), max_calls=2))
     yield server
     await stop_server(server)
+
+
+# -- a real coturn on 127.0.0.1 -------------------------------------------------------------------
+
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+
+TURNSERVER = shutil.which("turnserver")
+TURN_SECRET = "correct-horse-battery-staple"
+
+
+class Coturn:
+    def __init__(self, port: int, process: subprocess.Popen, log: list[str]):
+        self.port, self.process, self.log = port, process, log
+        self.url = f"turn:127.0.0.1:{port}?transport=udp"
+
+    def allocations(self) -> list[str]:
+        return [line for line in self.log if "ALLOCATE processed, success" in line]
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def coturn(tmp_path):
+    port = free_udp_port()
+    process = subprocess.Popen(
+        [TURNSERVER, "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}",
+         "--min-port=49200", "--max-port=49400", "--use-auth-secret", f"--static-auth-secret={TURN_SECRET}",
+         "--realm=moshi.test", "--no-tls", "--no-dtls", "--allow-loopback-peers", "--no-cli", "--fingerprint",
+         "--log-file=stdout", "--simple-log", "--verbose", f"--pidfile={tmp_path}/turn.pid", f"--db={tmp_path}/turndb"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    log: list[str] = []
+    for line in process.stdout:  # wait for coturn to say it listens
+        log.append(line)
+        if "UDP listener opened on" in line:
+            break
+    threading.Thread(target=lambda: [log.append(line) for line in process.stdout], daemon=True).start()
+    yield Coturn(port, process, log)
+    process.terminate()
+    process.wait(timeout=10)
+
+

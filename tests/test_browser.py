@@ -85,9 +85,9 @@ async def test_chromium_calls_the_server_from_the_page(tiny_server, tmp_path):
 
 
 async def test_the_page_says_when_the_line_is_busy(tmp_path):
+    from conftest import start_server, stop_server
     from playwright.async_api import async_playwright
 
-    from conftest import start_server, stop_server
     from server.caller import place_call
     from server.engine_setup import create_engine
     from server.model_source import ModelSource
@@ -107,4 +107,43 @@ async def test_the_page_says_when_the_line_is_busy(tmp_path):
         assert "Try again in 5 s" in await page.text_content("#message")
         await browser.close()
     await holder
+    await stop_server(server)
+
+
+@pytest.mark.skipif(shutil.which("turnserver") is None, reason="Debian's coturn is not installed")
+async def test_chromium_calls_through_the_turn_relay_only(coturn, tmp_path):
+    """The page takes iceTransportPolicy "relay" and short-lived credentials from /ice-servers."""
+    from conftest import TURN_SECRET, start_server, stop_server
+    from playwright.async_api import async_playwright
+
+    from server.engine_setup import create_engine
+    from server.ice import IceConfig
+    from server.model_source import ModelSource
+    from signaling.app import SignalingConfig
+
+    voice_wav(tmp_path / "mic.wav")
+    ice = IceConfig(turn_urls=(coturn.url,), turn_secret=TURN_SECRET, turn_ttl_s=600, relay_only=True)
+    server = await start_server(create_engine(ModelSource("echo"), max_calls=1), SignalingConfig(ice=ice))
+    async with async_playwright() as playwright:
+        browser = await launch_chromium(playwright, tmp_path / "mic.wav")
+        page = await browser.new_page()
+        await page.goto(server.url)
+        await page.wait_for_selector("#call:not([disabled])")
+        await page.click("#call")
+        await page.wait_for_function("document.getElementById('stat-state').textContent === 'connected'")
+        # The echo of the browser's own voice, back through the relay both ways.
+        await page.wait_for_function("(window.moshiCall.lastStats || {}).audioEnergy > 0.05", timeout=15_000)
+        pair = await page.evaluate("""async () => {
+            const report = await window.moshiCall.pc.getStats();
+            const pairs = [...report.values()].filter(s => s.type === 'candidate-pair' && s.nominated);
+            const local = report.get(pairs[0].localCandidateId), remote = report.get(pairs[0].remoteCandidateId);
+            return {local: local.candidateType, remote: remote.candidateType,
+                    policy: window.moshiCall.pc.getConfiguration().iceTransportPolicy};
+        }""")
+        assert pair == {"local": "relay", "remote": "relay", "policy": "relay"}
+        session = next(iter(server.service.sessions.values()))
+        assert session.stats.mean_input_rms > 0.01  # the browser's voice reached the engine via coturn
+        await page.click("#hangup")
+        await browser.close()
+    assert len(coturn.allocations()) >= 2
     await stop_server(server)

@@ -67,6 +67,7 @@ function onEvent(event) {
 async function updateStats() {
   const stats = call && (await call.stats());
   if (!stats) return;
+  call.lastStats = stats; // read by the automated browser test
   ui.rtt.textContent = stats.rttMs === null ? "–" : `${stats.rttMs.toFixed(0)} ms`;
   ui.jitter.textContent = stats.jitterMs === null ? "–" : `${stats.jitterMs.toFixed(1)} ms`;
   ui.loss.textContent = stats.lossPercent === null ? "–" : `${stats.lossPercent.toFixed(1)} %`;

@@ -28,12 +28,14 @@ export function describeMicError(error) {
   }
 }
 
-async function iceServers() {
+// The server hands out its STUN/TURN servers (TURN with short-lived credentials of our own) and
+// whether media must go through the relay.
+async function iceConfig() {
   try {
-    const response = await fetch("/ice-servers");
-    if (response.ok) return (await response.json()).iceServers || [];
+    const response = await fetch("/ice-servers", { cache: "no-store" });
+    if (response.ok) return await response.json();
   } catch (_) { /* no ICE configuration: host candidates only */ }
-  return [];
+  return { iceServers: [], iceTransportPolicy: "all" };
 }
 
 function gatheringComplete(pc, timeoutMs = 3000) {
@@ -47,9 +49,9 @@ function gatheringComplete(pc, timeoutMs = 3000) {
 }
 
 export class Call extends EventTarget {
-  constructor({ iceTransportPolicy = "all" } = {}) {
+  constructor({ iceTransportPolicy = null } = {}) {
     super();
-    this.iceTransportPolicy = iceTransportPolicy;
+    this.iceTransportPolicy = iceTransportPolicy; // null: what the server asks for
     this.pc = null;
     this.mic = null;
     this.sessionId = null;
@@ -66,7 +68,11 @@ export class Call extends EventTarget {
       throw new CallError(describeMicError(error));
     }
     this.emit("mic", this.mic);
-    this.pc = new RTCPeerConnection({ iceServers: await iceServers(), iceTransportPolicy: this.iceTransportPolicy });
+    const ice = await iceConfig();
+    this.pc = new RTCPeerConnection({
+      iceServers: ice.iceServers || [],
+      iceTransportPolicy: this.iceTransportPolicy || ice.iceTransportPolicy || "all",
+    });
     for (const track of this.mic.getAudioTracks()) this.pc.addTrack(track, this.mic);
     const events = this.pc.createDataChannel("events");
     events.onmessage = (message) => this.emit("event", JSON.parse(message.data));
@@ -81,6 +87,10 @@ export class Call extends EventTarget {
     };
     await this.pc.setLocalDescription(await this.pc.createOffer());
     await gatheringComplete(this.pc);
+    if (this.pc.getConfiguration().iceTransportPolicy === "relay" && !this.pc.localDescription.sdp.includes(" typ relay")) {
+      this.close();
+      throw new CallError("No TURN relay could be reached: the relay server is down or refused our credentials.");
+    }
     const response = await fetch("/offer", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
