@@ -19,6 +19,8 @@ import torch
 
 from .turn import TURN_SECRET_ENV
 
+WHIP_TOKEN_ENV = "MOSHI_WEBRTC_WHIP_TOKEN"
+
 log = logging.getLogger("moshi_webrtc")
 
 AUTO = "auto"
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="relay: the server's peer and the page use TURN relay candidates only")
     serve.add_argument("--ice-host-address", action="append", default=[], metavar="IP",
                        help="offer host candidates only on this local address (repeatable; default: all)")
+    serve.add_argument("--whip-token", default=os.environ.get(WHIP_TOKEN_ENV),
+                       help=f"bearer token WHIP clients must send (or ${WHIP_TOKEN_ENV}); default: WHIP is open")
     serve.add_argument("--media-timeout", type=float, default=10.0,
                        help="end a call whose caller sends no audio for this many seconds")
     serve.add_argument("--log-level", default="INFO")
@@ -121,7 +125,8 @@ async def serve(args: argparse.Namespace) -> int:
                     relay_only=args.ice_transport_policy == "relay")
     model = _first_choice(args)
     engine = _engine_for(args, model)
-    service = SignalingService(engine, SignalingConfig(ice=ice, media_timeout_s=args.media_timeout))
+    service = SignalingService(engine, SignalingConfig(ice=ice, media_timeout_s=args.media_timeout,
+                                                       whip_token=args.whip_token))
     runner = web.AppRunner(service.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()

@@ -7,6 +7,7 @@
     GET    /status            model, test-model flag, free call slots
     GET    /ice-servers       the STUN/TURN servers clients should use: {"iceServers": [...]}
     GET    /                  the web page (web/index.html; assets under /web/)
+    /whip ...                 WHIP (RFC 9725), see signaling/whip.py
 
 Errors are JSON `{"error": "..."}` with a 4xx that says what the client got
 wrong, or 503 with `Retry-After` when every call slot is taken.
@@ -24,12 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
+from aiortc import RTCSessionDescription
 
 from server.engine import Engine, EngineFull, EngineNotReady
 from server.ice import IceConfig
 from server.peer import CallSession, RelayUnavailable
 
+from .errors import SessionRefused, json_error
 from .offer_check import MAX_BODY_BYTES, OfferRejected, parse_offer_json
+from .whip import WhipEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +49,7 @@ class SignalingConfig:
     answer_timeout_s: float = 15.0
     retry_after_s: int = 5
     web_dir: Path = WEB_DIR
-
-
-def json_error(status: int, message: str, headers: dict | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+    whip_token: str | None = None  # bearer token WHIP requests must carry; None: open
 
 
 class SignalingService:
@@ -68,6 +69,7 @@ class SignalingService:
         app.router.add_get("/ice-servers", self.ice_servers)
         app.router.add_get("/", self.index)
         app.router.add_static("/web/", self.config.web_dir)
+        WhipEndpoint(self, self.config.whip_token).add_routes(app)
         app.on_shutdown.append(self._hang_up_all)
         return app
 
@@ -83,16 +85,21 @@ class SignalingService:
         except OfferRejected as rejected:
             log.info("offer rejected (%d): %s", rejected.status, rejected.message)
             return json_error(rejected.status, rejected.message)
-        return await self._answer(offer)
+        try:
+            session, answer = await self.start_session(offer)
+        except SessionRefused as refused:
+            return json_error(refused.status, refused.message, refused.headers)
+        return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.session_id})
 
-    async def _answer(self, offer) -> web.Response:
+    async def start_session(self, offer: RTCSessionDescription) -> tuple[CallSession, RTCSessionDescription]:
+        """Take a slot, make the peer, answer. Raises SessionRefused, leaving no peer and no slot behind."""
         retry = {"Retry-After": str(self.config.retry_after_s)}
         try:
             call = await self.engine.open_call()
         except EngineFull as exc:
-            return json_error(503, f"the line is busy: {exc}; try again shortly", retry)
+            raise SessionRefused(503, f"the line is busy: {exc}; try again shortly", retry) from None
         except EngineNotReady as exc:
-            return json_error(503, f"the model is not ready: {exc}", retry)
+            raise SessionRefused(503, f"the model is not ready: {exc}", retry) from None
         session_id = secrets.token_urlsafe(12)
         session = CallSession(session_id, self.engine, call, self.config.ice,
                               media_timeout=self.config.media_timeout_s, on_end=self._forget)
@@ -101,14 +108,14 @@ class SignalingService:
         except RelayUnavailable as exc:
             await session.hang_up("no TURN relay")
             log.error("offer failed: %s", exc)
-            return json_error(502, str(exc))
+            raise SessionRefused(502, str(exc)) from None
         except Exception as exc:  # a bad offer must not leave a peer or a slot behind
             await session.hang_up("the offer could not be applied")
             log.info("offer failed: %s: %s", type(exc).__name__, exc)
-            return json_error(400, f"the offer could not be applied: {type(exc).__name__}: {exc}")
+            raise SessionRefused(400, f"the offer could not be applied: {type(exc).__name__}: {exc}") from None
         self.sessions[session_id] = session
         log.info("session %s: answered, slot %d", session_id, call.slot)
-        return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session_id})
+        return session, answer
 
     def _forget(self, session: CallSession) -> None:
         self.sessions.pop(session.session_id, None)
