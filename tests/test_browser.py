@@ -45,6 +45,15 @@ async def launch_chromium(playwright, wav: Path, extra: list[str] | None = None)
     )
 
 
+async def press_call(browser, url: str, viewport: dict | None = None):
+    """Open the page, wait until it may call, press Call; returns the page."""
+    page = await browser.new_page(viewport=viewport)
+    await page.goto(url)
+    await page.wait_for_selector("#call:not([disabled])")
+    await page.click("#call")
+    return page
+
+
 async def test_chromium_calls_the_server_from_the_page(tiny_server, tmp_path):
     from playwright.async_api import async_playwright
 
@@ -99,10 +108,7 @@ async def test_the_page_says_when_the_line_is_busy(tmp_path):
         await asyncio.sleep(0.01)
     async with async_playwright() as playwright:
         browser = await launch_chromium(playwright, tmp_path / "mic.wav")
-        page = await browser.new_page()
-        await page.goto(server.url)
-        await page.wait_for_selector("#call:not([disabled])")
-        await page.click("#call")
+        page = await press_call(browser, server.url)
         await page.wait_for_function("document.getElementById('message').textContent.includes('busy')")
         assert "Try again in 5 s" in await page.text_content("#message")
         await browser.close()
@@ -126,10 +132,7 @@ async def test_chromium_calls_through_the_turn_relay_only(coturn, tmp_path):
     server = await start_server(create_engine(ModelSource("echo"), max_calls=1), SignalingConfig(ice=ice))
     async with async_playwright() as playwright:
         browser = await launch_chromium(playwright, tmp_path / "mic.wav")
-        page = await browser.new_page()
-        await page.goto(server.url)
-        await page.wait_for_selector("#call:not([disabled])")
-        await page.click("#call")
+        page = await press_call(browser, server.url)
         await page.wait_for_function("document.getElementById('stat-state').textContent === 'connected'")
         # The echo of the browser's own voice, back through the relay both ways.
         await page.wait_for_function("(window.moshiCall.lastStats || {}).audioEnergy > 0.05", timeout=15_000)
