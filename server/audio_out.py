@@ -5,7 +5,10 @@ track sleeps until each 20 ms frame is due by the wall clock, stamps pts as a
 running sample count, and sends silence while the model has nothing. Its
 buffer is bounded: when the model's audio backs up (the network or the sender
 fell behind), the oldest audio is dropped and counted, so latency cannot grow
-without end.
+without end. Standing delay is shed too: after the model catches up from a slow
+patch, its backlog arrives in a burst and would otherwise sit in the buffer,
+played late, for the rest of the call. When the buffer has not fallen below
+`max_standing_ms` for a whole second, the excess is dropped.
 
 Frames leave as s16 *stereo* with both channels equal: aiortc's Opus encoder
 works in stereo, and FFmpeg's mono to stereo upmix puts each channel 3 dB
@@ -28,11 +31,21 @@ class OutboundAudioTrack(MediaStreamTrack):
     kind = "audio"
 
     def __init__(
-        self, sample_rate: int = 24000, frame_ms: int = 20, max_buffer_ms: int = 1000, end_when_drained: bool = False
+        self,
+        sample_rate: int = 24000,
+        frame_ms: int = 20,
+        max_buffer_ms: int = 1000,
+        max_standing_ms: int | None = None,
+        end_when_drained: bool = False,
     ):
-        """`end_when_drained`: end the track once its audio is sent (a caller playing a file), not send silence."""
+        """`max_standing_ms`: shed delay that stays above this for a second (None: never).
+        `end_when_drained`: end the track once its audio is sent (a caller playing a file), not send silence."""
         super().__init__()
         self.end_when_drained = end_when_drained
+        self.max_standing_samples = None if max_standing_ms is None else sample_rate * max_standing_ms // 1000
+        self._frames_per_window = 1000 // frame_ms
+        self._window_frames = 0
+        self._window_min = 0
         self.sample_rate = sample_rate
         self.samples_per_frame = sample_rate * frame_ms // 1000
         self.max_buffer_samples = sample_rate * max_buffer_ms // 1000
@@ -60,17 +73,30 @@ class OutboundAudioTrack(MediaStreamTrack):
             return
         self._chunks.append(np.asarray(audio, dtype=np.float32).reshape(-1))
         self._buffered += audio.size
-        while self._buffered > self.max_buffer_samples:
-            excess = self._buffered - self.max_buffer_samples
+        self._drop_oldest(self._buffered - self.max_buffer_samples)
+
+    def _shed_standing_delay(self) -> None:
+        """Once a second: drop what stayed buffered all along beyond `max_standing_ms`."""
+        if self.max_standing_samples is None:
+            return
+        self._window_min = min(self._window_min, self._buffered) if self._window_frames else self._buffered
+        self._window_frames += 1
+        if self._window_frames >= self._frames_per_window:
+            self._drop_oldest(self._window_min - self.max_standing_samples)
+            self._window_frames = 0
+
+    def _drop_oldest(self, count: int) -> None:
+        while count > 0 and self._chunks:
             oldest = self._chunks[0]
-            if oldest.size <= excess:
+            if oldest.size <= count:
                 self._chunks.popleft()
                 dropped = oldest.size
             else:
-                self._chunks[0] = oldest[excess:]
-                dropped = excess
+                self._chunks[0] = oldest[count:]
+                dropped = count
             self._buffered -= dropped
             self.samples_dropped += dropped
+            count -= dropped
 
     def _take(self, count: int) -> np.ndarray | None:
         """`count` samples from the buffer, zero-padded; None when it holds nothing."""
@@ -100,6 +126,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         if due > now:
             await asyncio.sleep(due - now)
         samples = self._take(self.samples_per_frame)
+        self._shed_standing_delay()
         if samples is None and self.end_when_drained:
             self.stop()
             raise MediaStreamError

@@ -8,6 +8,8 @@ Public interface
     call = await engine.open_call(seed=None)    # takes a free slot; EngineFull when none
     result = await call.process(frame)          # frame: float32 [-1, 1], engine.frame_size samples
     result.audio, result.text                   # the model's 80 ms of audio, a text piece or None
+    future = call.submit(frame)                 # the same without waiting; FrameDropped if the model
+                                                # fell behind by more than max_backlog_frames
     call.stats                                  # CallStats: frames, silences, RMS, step times, errors
     await call.close()                          # frees the slot; pending frames are cancelled
     await engine.stop()
@@ -24,6 +26,8 @@ Rules it keeps:
   same seed and input give the same output.
 - Frames must be float32 PCM in [-1, 1]: int16 samples, as ints or as floats,
   are refused with an error instead of becoming static.
+- Delay stays bounded: a call holds at most `max_backlog_frames` frames waiting; when the model
+  falls behind, the oldest are dropped (FrameDropped) and counted, never queued without end.
 - An out-of-range token is an error for its call (see `server.tokens`); the
   call fails, the other calls go on, and the engine counts it.
 """
@@ -61,6 +65,10 @@ class EngineFull(RuntimeError):
 
 class CallClosed(RuntimeError):
     """The call was closed; it takes no more frames."""
+
+
+class FrameDropped(RuntimeError):
+    """The model fell behind and this frame was dropped, oldest first, to keep the delay bounded."""
 
 
 def rms(samples: np.ndarray) -> float:
@@ -124,6 +132,7 @@ class EngineStats:
     steps: int = 0
     slot_steps: int = 0
     token_errors: int = 0
+    frames_dropped: int = 0
     calls_opened: int = 0
     step_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
@@ -149,8 +158,12 @@ class Call:
         self.closed = False
         self.error: Exception | None = None
 
-    async def process(self, frame: np.ndarray) -> FrameResult:
-        """Submit one frame and await the model's frame for it."""
+    def submit(self, frame: np.ndarray) -> asyncio.Future:
+        """Queue one frame; the future resolves to its FrameResult, or raises FrameDropped.
+
+        A caller that must keep reading its input while the model works (the WebRTC
+        peer) submits here and awaits the futures in order elsewhere.
+        """
         if self.closed:
             raise CallClosed(f"call {self.call_id} is closed")
         if self.error is not None:
@@ -161,7 +174,11 @@ class Call:
         self.stats.frames_in += 1
         log.debug("call %d slot %d input rms %.4f", self.call_id, self.slot, rms(frame))
         self.engine._submit(_PendingFrame(self, frame, future, loop, time.perf_counter()))
-        return await future
+        return future
+
+    async def process(self, frame: np.ndarray) -> FrameResult:
+        """Submit one frame and await the model's frame for it."""
+        return await self.submit(frame)
 
     async def close(self) -> None:
         await self.engine._close_call(self)
@@ -199,7 +216,18 @@ class Call:
 class Engine:
     """Call slots on one shared model, stepped by the engine's own inference thread."""
 
-    def __init__(self, stepper_factory: Callable[[], Stepper], *, thread_name: str = "moshi-inference"):
+    def __init__(
+        self,
+        stepper_factory: Callable[[], Stepper],
+        *,
+        max_backlog_frames: int = 3,
+        thread_name: str = "moshi-inference",
+    ):
+        """`max_backlog_frames`: frames a call may have waiting; past it the oldest is dropped, so when
+        steps take longer than a frame the delay stays bounded instead of growing without end."""
+        if max_backlog_frames < 1:
+            raise ValueError("max_backlog_frames must be at least 1")
+        self.max_backlog_frames = max_backlog_frames
         self._factory = stepper_factory
         self._thread_name = thread_name
         self._stepper: Stepper | None = None
@@ -322,11 +350,20 @@ class Engine:
                  call.stats.frames_in, call.stats.frames_out, call.stats.frames_silent)
 
     def _submit(self, item: _PendingFrame) -> None:
+        dropped = []
         with self._cond:
             if self._stopping:
                 raise EngineNotReady("engine stopped")
-            self._pending[item.call.slot].append(item)
+            queue = self._pending[item.call.slot]
+            queue.append(item)
+            while len(queue) > self.max_backlog_frames:
+                dropped.append(queue.popleft())
             self._cond.notify()
+        for old in dropped:  # on the event loop already: resolve directly
+            old.call.stats.frames_dropped += 1
+            self.stats.frames_dropped += 1
+            if not old.future.done():
+                old.future.set_exception(FrameDropped(f"call {old.call.call_id}: the model fell behind"))
 
     async def _run_op(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the inference thread between steps and await its result."""

@@ -45,6 +45,6 @@ def build_stepper(
                         frame_size=frame_size)
 
 
-def create_engine(source: ModelSource, max_calls: int = 1, **options) -> Engine:
+def create_engine(source: ModelSource, max_calls: int = 1, max_backlog_frames: int = 3, **options) -> Engine:
     """An Engine for `source`; `await engine.start()` loads and warms it up. Options: see build_stepper."""
-    return Engine(functools.partial(build_stepper, source, max_calls, **options))
+    return Engine(functools.partial(build_stepper, source, max_calls, **options), max_backlog_frames=max_backlog_frames)

@@ -5,13 +5,17 @@
                                 \\-> text pieces --> "events" data channel --> caller
 
 The inbound track is read for the whole call (an unread aiortc track grows
-its queue without bound). A call ends, once, when the caller hangs up, the
+its queue without bound): the reader only submits frames to the engine, and a
+second task plays the results in order. When the model falls behind, the
+engine drops the oldest waiting frames and the outbound track the oldest
+unsent audio, so the delay stays bounded; drops are counted and reported on
+`events` as `{"type": "drops", ...}`, at most once a second. A call ends, once, when the caller hangs up, the
 connection fails or closes, the track ends or stays silent past the media
 timeout, the engine fails the call, or the server hangs up (DELETE). Ending
 frees the engine slot, stops the tracks and closes the peer connection.
 
 Messages on `events` (JSON): `ready` (model, test_model, notice), `text`
-(text), `error` (reason), `bye` (reason).
+(text), `drops` (input_frames, output_ms), `error` (reason), `bye` (reason).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .audio_in import InboundAudio
 from .audio_out import OutboundAudioTrack
-from .engine import Call, Engine, rms
+from .engine import Call, Engine, FrameDropped, rms
 from .ice import IceConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,8 @@ class CallSession:
         call: Call,
         ice: IceConfig,
         media_timeout: float = 10.0,
+        max_output_buffer_ms: int = 400,
+        max_standing_ms: int = 60,
         on_end: Callable[[CallSession], None] | None = None,
     ):
         self.session_id = session_id
@@ -71,7 +77,8 @@ class CallSession:
         self.media_timeout = media_timeout
         self.relay_only = ice.relay_only
         self.pc = RTCPeerConnection(ice.rtc_configuration(session_id))
-        self.outbound = OutboundAudioTrack(sample_rate=engine.sample_rate)
+        self.outbound = OutboundAudioTrack(sample_rate=engine.sample_rate, max_buffer_ms=max_output_buffer_ms,
+                                           max_standing_ms=max_standing_ms)
         self.inbound = InboundAudio(sample_rate=engine.sample_rate, frame_size=engine.frame_size)
         self.events: RTCDataChannel | None = None
         self.stats = PeerStats()
@@ -80,6 +87,10 @@ class CallSession:
         self.ended = asyncio.Event()
         self._on_end = on_end
         self._reader: asyncio.Task | None = None
+        self._player: asyncio.Task | None = None
+        self._results: asyncio.Queue[asyncio.Future] = asyncio.Queue()
+        self._drops_reported = (0, 0)
+        self._drops_reported_at = 0.0
         self._ending = False
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
@@ -103,6 +114,7 @@ class CallSession:
         if track.kind != "audio" or self._reader is not None:
             return
         self._reader = asyncio.ensure_future(self._read_audio(track))
+        self._player = asyncio.ensure_future(self._play_results())
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != EVENTS_LABEL:
@@ -133,29 +145,61 @@ class CallSession:
                     self.send_event({"type": "error", "reason": reason})
                     break
                 for samples in self.inbound.push(frame):
-                    await self._through_engine(samples)
+                    self._submit(samples)
         except MediaStreamError:
             pass
         except asyncio.CancelledError:
             return
-        except Exception as exc:  # the engine failed this call: tell the caller, then end it
+        except Exception as exc:  # the engine refused this call's frames
             reason = f"engine error: {exc}"
             log.error("session %s: %s", self.session_id, reason)
             self.send_event({"type": "error", "reason": reason})
         if not self._ending:
             asyncio.ensure_future(self.hang_up(reason))
 
-    async def _through_engine(self, samples) -> None:
+    def _submit(self, samples) -> None:
         self.stats.frames_to_engine += 1
         level = rms(samples)
         self.stats.input_rms_sum += level
         log.debug("session %s: input rms %.4f", self.session_id, level)
-        result = await self.call.process(samples)
-        self.stats.frames_from_engine += 1
-        self.outbound.push(result.audio)
-        if result.text is not None:
-            self.stats.text_messages += 1
-            self.send_event({"type": "text", "text": result.text})
+        self._results.put_nowait(self.call.submit(samples))
+
+    async def _play_results(self) -> None:
+        """Take the engine's results in order: audio to the outbound track, text to `events`."""
+        try:
+            while not self._ending:
+                future = await self._results.get()
+                try:
+                    result = await future
+                except FrameDropped:
+                    self._report_drops()
+                    continue
+                self.stats.frames_from_engine += 1
+                self.outbound.push(result.audio)
+                if result.text is not None:
+                    self.stats.text_messages += 1
+                    self.send_event({"type": "text", "text": result.text})
+                self._report_drops()
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # the engine failed this call (an out-of-range token, say)
+            reason = f"engine error: {exc}"
+            log.error("session %s: %s", self.session_id, reason)
+            self.send_event({"type": "error", "reason": reason})
+            if not self._ending:
+                asyncio.ensure_future(self.hang_up(reason))
+
+    def _report_drops(self) -> None:
+        """Tell the caller when audio was dropped to keep the delay bounded; at most once a second."""
+        drops = (self.call.stats.frames_dropped, self.outbound.samples_dropped)
+        now = time.monotonic()
+        if drops == self._drops_reported or now - self._drops_reported_at < 1.0:
+            return
+        self._drops_reported, self._drops_reported_at = drops, now
+        output_ms = round(1000 * drops[1] / self.outbound.sample_rate)
+        log.warning("session %s: model behind: %d input frames and %d ms of output dropped so far",
+                    self.session_id, drops[0], output_ms)
+        self.send_event({"type": "drops", "input_frames": drops[0], "output_ms": output_ms})
 
     def send_event(self, message: dict) -> None:
         channel = self.events
@@ -173,9 +217,11 @@ class CallSession:
         self.end_reason = reason
         log.info("session %s: ending (%s)", self.session_id, reason)
         self.send_event({"type": "bye", "reason": reason})
-        if self._reader is not None and self._reader is not asyncio.current_task():
-            self._reader.cancel()
-            await asyncio.wait({self._reader}, timeout=1.0)  # it also stops by itself on the next frame
+        tasks = {t for t in (self._reader, self._player) if t is not None and t is not asyncio.current_task()}
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1.0)  # they also stop by themselves on the next frame
         await self.call.close()
         self.outbound.stop()
         await self.pc.close()
@@ -199,5 +245,6 @@ class CallSession:
             "mean_input_rms": round(self.stats.mean_input_rms, 6),
             "mean_step_ms": round(call.mean_step_ms, 3),
             "outbound_frames_sent": self.outbound.frames_sent,
+            "frames_dropped": call.frames_dropped,
             "outbound_samples_dropped": self.outbound.samples_dropped,
         }

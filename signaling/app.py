@@ -46,6 +46,8 @@ SERVICE_KEY = web.AppKey("service", "SignalingService")
 class SignalingConfig:
     ice: IceConfig = field(default_factory=IceConfig)
     media_timeout_s: float = 10.0
+    max_output_buffer_ms: int = 400  # model audio waiting to be sent; past it the oldest is dropped
+    max_standing_ms: int = 60  # delay the outbound buffer may hold for a whole second before it is shed
     answer_timeout_s: float = 15.0
     retry_after_s: int = 5
     web_dir: Path = WEB_DIR
@@ -102,7 +104,9 @@ class SignalingService:
             raise SessionRefused(503, f"the model is not ready: {exc}", retry) from None
         session_id = secrets.token_urlsafe(12)
         session = CallSession(session_id, self.engine, call, self.config.ice,
-                              media_timeout=self.config.media_timeout_s, on_end=self._forget)
+                              media_timeout=self.config.media_timeout_s,
+                              max_output_buffer_ms=self.config.max_output_buffer_ms,
+                              max_standing_ms=self.config.max_standing_ms, on_end=self._forget)
         try:
             answer = await asyncio.wait_for(session.answer(offer), self.config.answer_timeout_s)
         except RelayUnavailable as exc:

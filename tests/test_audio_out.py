@@ -47,3 +47,24 @@ def test_a_backed_up_buffer_drops_the_oldest_and_counts_it():
     assert track.buffered_samples == 24000
     assert track.samples_dropped == 9 * 24000
     assert np.all(track._take(480) == np.float32(0.9))  # what is left is the newest second
+
+
+async def test_standing_delay_is_shed_after_a_second_and_new_audio_kept():
+    track = OutboundAudioTrack(max_buffer_ms=2000, max_standing_ms=120)
+    track.push(np.full(24000 // 2, 0.1, dtype=np.float32))  # a 500 ms burst after the model caught up
+    for _ in range(55):  # 1.1 s of real-time play while the model keeps pace: 20 ms in, 20 ms out
+        track.push(np.full(480, 0.2, dtype=np.float32))
+        await track.recv()
+    dropped_ms = 1000 * track.samples_dropped / 24000
+    assert dropped_ms == pytest.approx(500 - 120, abs=30)
+    assert 1000 * track.buffered_samples / 24000 <= 140
+    assert np.all(track._take(480) == np.float32(0.2))  # what was kept is the newest audio
+
+
+async def test_no_shedding_while_the_buffer_runs_low():
+    track = OutboundAudioTrack(max_buffer_ms=2000, max_standing_ms=120)
+    for i in range(60):
+        if i % 4 == 0:
+            track.push(np.full(1920, 0.2, dtype=np.float32))  # the engine's 80 ms frames
+        await track.recv()
+    assert track.samples_dropped == 0 and track.silent_frames == 0

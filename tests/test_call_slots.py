@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import audio_of, noise_frames, run_call, texts_of, tone_frames
 
-from server.engine import EngineFull
+from server.engine import EngineFull, FrameDropped
 from server.engine_setup import create_engine
 from server.model_source import ModelSource
 from server.moshi_step import GREEDY
@@ -133,7 +133,7 @@ async def test_a_full_engine_refuses_and_a_freed_slot_is_usable_at_once(tiny_eng
 
 async def test_closing_a_call_cancels_its_queued_frames(tiny_engine):
     call = await tiny_engine.open_call()
-    pending = [asyncio.ensure_future(call.process(f)) for f in noise_frames(2, 6)]
+    pending = [asyncio.ensure_future(call.process(f)) for f in noise_frames(2, tiny_engine.max_backlog_frames)]
     await asyncio.sleep(0)
     await call.close()
     outcomes = await asyncio.gather(*pending, return_exceptions=True)
@@ -154,3 +154,17 @@ async def test_opening_a_call_resets_only_its_own_slot(tiny_engine):
     await newcomer.close()
     await call.close()
     assert same(alone, results)
+
+
+async def test_a_backlog_past_its_bound_drops_the_oldest_frames_and_counts_them(tiny_engine):
+    call = await tiny_engine.open_call()
+    frames = noise_frames(2, 7)
+    futures = [call.submit(frame) for frame in frames]  # all at once: far faster than the model steps
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    bound = tiny_engine.max_backlog_frames
+    dropped = [o for o in outcomes if isinstance(o, FrameDropped)]
+    # The step already running may hold the first frame; of the rest only `bound` may wait.
+    assert len(dropped) >= len(frames) - bound - 1 and all(isinstance(o, FrameDropped) for o in outcomes[1:-bound])
+    assert not any(isinstance(o, Exception) for o in outcomes[-bound:])  # the newest frames are kept
+    assert call.stats.frames_dropped == len(dropped) == tiny_engine.stats.frames_dropped
+    await call.close()

@@ -1,0 +1,123 @@
+"""When the model falls behind, the delay stays bounded, drops are counted and reported, and the
+call recovers. The slow step is injected (the only fault here that cannot be produced otherwise)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from conftest import start_server, stop_server
+
+from server.audio_in import InboundAudio
+from server.audio_out import OutboundAudioTrack
+from server.engine_setup import create_engine
+from server.model_source import ModelSource
+
+BURSTS = 30
+EVERY_S = 1.0
+BASE_HZ, STEP_HZ = 300.0, 60.0  # burst i is a 40 ms tone at BASE_HZ + i * STEP_HZ: its identity
+
+
+def burst_train(rate: int = 48000) -> np.ndarray:
+    audio = np.zeros(int((BURSTS + 0.5) * EVERY_S * rate), np.float32)
+    n = int(0.04 * rate)
+    window = np.hanning(n)
+    for i in range(BURSTS):
+        start = int((0.5 + i * EVERY_S) * rate)
+        hz = BASE_HZ + i * STEP_HZ
+        audio[start : start + n] = 0.4 * window * np.sin(2 * np.pi * hz * np.arange(n) / rate)
+    return audio
+
+
+def heard_bursts(chunks: list[np.ndarray], arrivals: list[float], rate: int = 24000) -> dict[int, float]:
+    """Burst id -> arrival time of its first loud 20 ms chunk, from the caller's recording."""
+    heard: dict[int, float] = {}
+    i = 0
+    while i < len(chunks):
+        if np.sqrt(np.mean(chunks[i] ** 2)) < 0.02:
+            i += 1
+            continue
+        j = i
+        while j < len(chunks) and np.sqrt(np.mean(chunks[j] ** 2)) >= 0.02:
+            j += 1
+        sound = np.concatenate(chunks[max(0, i - 1) : j + 1])
+        spectrum = np.abs(np.fft.rfft(sound * np.hanning(sound.size), n=8 * sound.size))
+        hz = np.fft.rfftfreq(8 * sound.size, 1 / rate)[np.argmax(spectrum)]
+        burst = round((hz - BASE_HZ) / STEP_HZ)
+        if 0 <= burst < BURSTS and abs(hz - (BASE_HZ + burst * STEP_HZ)) < STEP_HZ / 3:
+            heard.setdefault(burst, arrivals[i])
+        i = j
+    return heard
+
+
+async def test_a_slow_model_keeps_the_delay_bounded_and_the_call_recovers():
+    engine = create_engine(ModelSource("echo"), max_calls=1, max_backlog_frames=3)
+    server = await start_server(engine)
+    stepper = engine.stepper
+    original_step = stepper.step
+    slow = {"on": False}
+
+    def step(frames, rows):  # runs on the inference thread: 200 ms per 80 ms frame while slow
+        if slow["on"]:
+            time.sleep(0.2)
+        return original_step(frames, rows)
+
+    stepper.step = step
+
+    pc = RTCPeerConnection()
+    voice = OutboundAudioTrack(sample_rate=48000, max_buffer_ms=60_000)
+    voice.push(burst_train())
+    pc.addTrack(voice)
+    channel = pc.createDataChannel("events")
+    events: list[dict] = []
+    channel.on("message", lambda m: events.append(json.loads(m)))
+    chunks: list[np.ndarray] = []
+    arrivals: list[float] = []
+
+    @pc.on("track")
+    def on_track(track):
+        async def record():
+            inbound = InboundAudio(sample_rate=24000, frame_size=480)
+            while True:
+                frame = await track.recv()
+                now = time.monotonic()
+                for chunk in inbound.push(frame):
+                    chunks.append(chunk)
+                    arrivals.append(now)
+
+        asyncio.ensure_future(record())
+
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+    async with aiohttp.ClientSession() as http, http.post(f"{server.url}/offer", json=offer) as response:
+        answer = await response.json()
+    session = server.service.sessions[answer["session_id"]]
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    # The scenario's timeline: 8 s normal, 12 s with every step taking 200 ms, then normal again.
+    await asyncio.sleep(8.0)
+    slow["on"] = True
+    await asyncio.sleep(12.0)
+    slow["on"] = False
+    await asyncio.sleep(BURSTS * EVERY_S + 1.5 - 20.0)
+    summary = session.summary()
+    await pc.close()
+    await stop_server(server)
+
+    start = voice.clock_start
+    heard = heard_bursts(chunks, arrivals)
+    delays = {i: t - (start + 0.5 + i * EVERY_S) for i, t in heard.items()}
+    normal = [d for i, d in delays.items() if i < 7]
+    during = [d for i, d in delays.items() if 9 <= i < 19]
+    after = [d for i, d in delays.items() if i >= 23]
+    assert len(normal) >= 6 and len(after) >= 6, delays
+    assert max(normal) < 0.6
+    assert during and max(during) > max(normal) + 0.15  # the injected slowness was real
+    assert max(delays.values()) < 1.5  # bounded: unbounded queues would reach ~18 s here
+    assert max(after) < max(normal) + 0.1  # recovered
+    assert summary["frames_dropped"] > 0
+    drop_events = [e for e in events if e["type"] == "drops"]
+    assert drop_events and drop_events[-1]["input_frames"] > 0
