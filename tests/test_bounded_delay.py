@@ -15,43 +15,10 @@ from conftest import start_server, stop_server
 from server.audio_in import InboundAudio
 from server.audio_out import OutboundAudioTrack
 from server.engine_setup import create_engine
+from server.latency_probe import BurstPlan
 from server.model_source import ModelSource
 
-BURSTS = 30
-EVERY_S = 1.0
-BASE_HZ, STEP_HZ = 300.0, 60.0  # burst i is a 40 ms tone at BASE_HZ + i * STEP_HZ: its identity
-
-
-def burst_train(rate: int = 48000) -> np.ndarray:
-    audio = np.zeros(int((BURSTS + 0.5) * EVERY_S * rate), np.float32)
-    n = int(0.04 * rate)
-    window = np.hanning(n)
-    for i in range(BURSTS):
-        start = int((0.5 + i * EVERY_S) * rate)
-        hz = BASE_HZ + i * STEP_HZ
-        audio[start : start + n] = 0.4 * window * np.sin(2 * np.pi * hz * np.arange(n) / rate)
-    return audio
-
-
-def heard_bursts(chunks: list[np.ndarray], arrivals: list[float], rate: int = 24000) -> dict[int, float]:
-    """Burst id -> arrival time of its first loud 20 ms chunk, from the caller's recording."""
-    heard: dict[int, float] = {}
-    i = 0
-    while i < len(chunks):
-        if np.sqrt(np.mean(chunks[i] ** 2)) < 0.02:
-            i += 1
-            continue
-        j = i
-        while j < len(chunks) and np.sqrt(np.mean(chunks[j] ** 2)) >= 0.02:
-            j += 1
-        sound = np.concatenate(chunks[max(0, i - 1) : j + 1])
-        spectrum = np.abs(np.fft.rfft(sound * np.hanning(sound.size), n=8 * sound.size))
-        hz = np.fft.rfftfreq(8 * sound.size, 1 / rate)[np.argmax(spectrum)]
-        burst = round((hz - BASE_HZ) / STEP_HZ)
-        if 0 <= burst < BURSTS and abs(hz - (BASE_HZ + burst * STEP_HZ)) < STEP_HZ / 3:
-            heard.setdefault(burst, arrivals[i])
-        i = j
-    return heard
+PLAN = BurstPlan(count=30, every_s=1.0)
 
 
 async def test_a_slow_model_keeps_the_delay_bounded_and_the_call_recovers():
@@ -70,7 +37,7 @@ async def test_a_slow_model_keeps_the_delay_bounded_and_the_call_recovers():
 
     pc = RTCPeerConnection()
     voice = OutboundAudioTrack(sample_rate=48000, max_buffer_ms=60_000)
-    voice.push(burst_train())
+    voice.push(PLAN.audio())
     pc.addTrack(voice)
     channel = pc.createDataChannel("events")
     events: list[dict] = []
@@ -102,14 +69,12 @@ async def test_a_slow_model_keeps_the_delay_bounded_and_the_call_recovers():
     slow["on"] = True
     await asyncio.sleep(12.0)
     slow["on"] = False
-    await asyncio.sleep(BURSTS * EVERY_S + 1.5 - 20.0)
+    await asyncio.sleep(PLAN.count * PLAN.every_s + 1.5 - 20.0)
     summary = session.summary()
     await pc.close()
     await stop_server(server)
 
-    start = voice.clock_start
-    heard = heard_bursts(chunks, arrivals)
-    delays = {i: t - (start + 0.5 + i * EVERY_S) for i, t in heard.items()}
+    delays = PLAN.delays(chunks, arrivals, voice.clock_start)
     normal = [d for i, d in delays.items() if i < 7]
     during = [d for i, d in delays.items() if 9 <= i < 19]
     after = [d for i, d in delays.items() if i >= 23]
