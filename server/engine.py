@@ -136,6 +136,19 @@ class EngineStats:
     calls_opened: int = 0
     step_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
 
+    def summary(self) -> dict:
+        """Counts, and step time percentiles over the last 4096 steps."""
+        times = np.array(self.step_ms) if self.step_ms else np.zeros(1)
+        return {
+            "steps": self.steps,
+            "slot_steps": self.slot_steps,
+            "frames_dropped": self.frames_dropped,
+            "token_errors": self.token_errors,
+            "calls_opened": self.calls_opened,
+            "step_ms_p50": round(float(np.percentile(times, 50)), 3),
+            "step_ms_p99": round(float(np.percentile(times, 99)), 3),
+        }
+
 
 @dataclass
 class _PendingFrame:

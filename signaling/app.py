@@ -165,6 +165,7 @@ class SignalingService:
             "max_calls": self.engine.batch_size,
             "free_slots": self.engine.free_slots,
             "active_sessions": len(self.sessions),
+            "engine": self.engine.stats.summary(),
         })
 
     async def ice_servers(self, request: web.Request) -> web.Response:

@@ -1,0 +1,206 @@
+"""Load test: K concurrent WebRTC callers from a second process against a server, on loopback.
+
+    ./run bench load --model echo --calls 1,2,4,8 --seconds 60
+    ./run bench load --model tiny --calls 1,2,4 --seconds 60
+
+For each K the server (`moshi-webrtc serve`, its own process) is started fresh
+with --max-calls K; a client process places K calls at once, each streaming
+self-identifying tone bursts (server/latency_probe.py) for the whole run. Per K:
+
+- mouth-to-ear delay per call, p50 and p95 (meaningful with `echo`, which sends
+  the bursts back; the tiny model answers with babble, so there only the
+  counters below speak),
+- frames dropped by the engine (the model fell behind) and output audio shed,
+- engine step time p50 and p99, from the server's /status,
+- server CPU (share of one core, user + system) and peak memory (VmHWM).
+
+"Real time" means: no input frame dropped, and the engine's p99 step under 80 ms;
+with echo also a p95 delay within 100 ms of the one-call figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+import numpy as np  # noqa: E402
+
+BIN = Path(sys.executable).parent / "moshi-webrtc"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+# -- the client process ---------------------------------------------------------------------------
+
+
+async def one_caller(url: str, seconds: float, index: int) -> dict:
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    from server.audio_in import InboundAudio
+    from server.audio_out import OutboundAudioTrack
+    from server.ice import IceConfig
+    from server.latency_probe import BurstPlan
+
+    plan = BurstPlan(count=int(seconds / 0.5) - 1, every_s=0.5, lead_s=0.5 + 0.013 * index)
+    pc = RTCPeerConnection(IceConfig().rtc_configuration())
+    voice = OutboundAudioTrack(sample_rate=48000, max_buffer_ms=int(1000 * (seconds + 5)))
+    voice.push(plan.audio())
+    pc.addTrack(voice)
+    chunks: list[np.ndarray] = []
+    arrivals: list[float] = []
+    readers = []
+
+    @pc.on("track")
+    def on_track(track):
+        async def record():
+            inbound = InboundAudio(sample_rate=24000, frame_size=480)
+            while True:
+                frame = await track.recv()
+                now = time.monotonic()
+                for chunk in inbound.push(frame):
+                    chunks.append(chunk)
+                    arrivals.append(now)
+
+        readers.append(asyncio.ensure_future(record()))
+
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/offer", json=offer) as response:
+            answer = await response.json()
+            if response.status != 200:
+                return {"error": answer.get("error"), "status": response.status}
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        await asyncio.sleep(seconds)  # the measurement window
+        async with http.get(f"{url}/sessions/{answer['session_id']}") as response:
+            session = await response.json()
+        async with http.delete(f"{url}/sessions/{answer['session_id']}") as response:
+            await response.read()
+    for reader in readers:
+        reader.cancel()
+    await pc.close()
+    delays = list(plan.delays(chunks, arrivals, voice.clock_start or 0.0).values()) if voice.clock_start else []
+    return {
+        "bursts_sent": plan.count,
+        "bursts_heard": len(delays),
+        "delay_ms_p50": round(1000 * statistics.median(delays), 1) if delays else None,
+        "delay_ms_p95": round(1000 * float(np.percentile(delays, 95)), 1) if delays else None,
+        "frames_dropped": session.get("frames_dropped"),
+        "output_ms_shed": round(1000 * session.get("outbound_samples_dropped", 0) / 24000),
+    }
+
+
+async def client_main(url: str, calls: int, seconds: float) -> None:
+    from server.ice import use_host_addresses
+
+    use_host_addresses(["127.0.0.1"])
+    results = await asyncio.gather(*(one_caller(url, seconds, i) for i in range(calls)))
+    print(json.dumps(results))
+
+
+# -- the orchestrator ------------------------------------------------------------------------------
+
+
+async def run_k(model: str, calls: int, seconds: float) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, NO_TORCH_COMPILE="1")
+    server = subprocess.Popen(
+        [str(BIN), "serve", "--model", model, "--port", str(port), "--max-calls", str(calls),
+         "--ice-host-address", "127.0.0.1", "--log-level", "WARNING"],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )
+    for line in server.stderr:
+        if "ready for" in line:
+            break
+    drain = asyncio.get_running_loop().run_in_executor(None, server.stderr.read)
+    cpu_before, wall_before = cpu_seconds(server.pid), time.monotonic()
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--client", url, "--calls", str(calls), "--seconds", str(seconds),
+        stdout=asyncio.subprocess.PIPE, env=env,
+    )
+    out, _ = await client.communicate()
+    cpu = (cpu_seconds(server.pid) - cpu_before) / (time.monotonic() - wall_before)
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/status") as response:
+        status = await response.json()
+    rss = peak_rss_mib(server.pid)
+    server.terminate()
+    server.wait(timeout=30)
+    await drain
+    per_call = json.loads(out.decode().strip().splitlines()[-1])
+    engine = status["engine"]
+    p95s = [c["delay_ms_p95"] for c in per_call if c.get("delay_ms_p95") is not None]
+    return {
+        "model": model,
+        "calls": calls,
+        "seconds": seconds,
+        "delay_ms_p50_median": round(statistics.median([c["delay_ms_p50"] for c in per_call
+                                                        if c.get("delay_ms_p50") is not None]), 1) if p95s else None,
+        "delay_ms_p95_worst": max(p95s) if p95s else None,
+        "frames_dropped": engine["frames_dropped"],
+        "output_ms_shed": sum(c.get("output_ms_shed", 0) for c in per_call),
+        "step_ms_p50": engine["step_ms_p50"],
+        "step_ms_p99": engine["step_ms_p99"],
+        "server_cpu_cores": round(cpu, 2),
+        "server_peak_rss_mib": round(rss),
+        "per_call": per_call,
+    }
+
+
+async def orchestrate(model: str, calls: list[int], seconds: float) -> None:
+    baseline = None
+    for k in calls:
+        result = await run_k(model, k, seconds)
+        if baseline is None:
+            baseline = result["delay_ms_p95_worst"]
+        real_time = result["frames_dropped"] == 0 and result["step_ms_p99"] < 80
+        if model == "echo" and baseline is not None and result["delay_ms_p95_worst"] is not None:
+            real_time = real_time and result["delay_ms_p95_worst"] <= baseline + 100
+        result["real_time"] = real_time
+        print(json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="echo", help="echo or tiny (or any --model serve takes)")
+    parser.add_argument("--calls", default="1,2,4,8", help="comma-separated K values")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        asyncio.run(client_main(args.client, int(args.calls), args.seconds))
+    else:
+        asyncio.run(orchestrate(args.model, [int(k) for k in args.calls.split(",")], args.seconds))
+
+
+if __name__ == "__main__":
+    main()
