@@ -4,6 +4,8 @@
     ./run bench engine_step --threads 2          # same, with 2 torch threads
     ./run bench engine_step --real-size          # moshiko's architecture with random weights,
                                                  # bf16 + CUDA graphs on CUDA: batch 1..64
+                                                 # (the last line: the largest batch whose p99
+                                                 # step fits in 80 ms = calls one GPU carries)
 
 Every slot sends a frame at every step (the worst case). The figure that
 matters is the real-time factor: median step time / 80 ms; under 1 keeps up.
@@ -123,8 +125,18 @@ def main() -> None:
             "steps": args.steps,
         }
         print(json.dumps(header))
+        results = []
         for batch in batches:
-            print(json.dumps(time_batch(model, batch, args.steps, args.warmup)), flush=True)
+            results.append(time_batch(model, batch, args.steps, args.warmup))
+            print(json.dumps(results[-1]), flush=True)
+        # Capacity: the largest batch whose p99 step still fits in one 80 ms frame.
+        fitting = [r["batch"] for r in results if r["p99_ms"] < FRAME_MS]
+        one = next((r for r in results if r["batch"] == 1), None)
+        print(json.dumps({
+            "calls_one_device_carries": max(fitting) if fitting else 0,
+            "vs_batch_1": f"{max(fitting)}x the calls of batch 1 (the official server's only mode)"
+            if fitting and one else None,
+        }))
 
 
 if __name__ == "__main__":

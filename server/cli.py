@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lora-weight", help="local LoRA weights file")
     serve.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     serve.add_argument("--max-calls", type=int, default=4, help="simultaneous calls (engine batch size)")
+    serve.add_argument("--max-backlog-frames", type=int, default=3,
+                       help="80 ms frames a call may have waiting for the model; past it the oldest are dropped "
+                            "so the delay stays bounded")
     serve.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     serve.add_argument("--temp", type=float, help="audio sampling temperature (default: the checkpoint's, 0.8)")
     serve.add_argument("--temp-text", type=float, help="text sampling temperature (default 0.7)")
@@ -98,7 +101,8 @@ def _engine_for(args: argparse.Namespace, model: str):
                          lora_weight=args.lora_weight)
     sampling = SamplingConfig(use_sampling=False if args.greedy else None, temp=args.temp, temp_text=args.temp_text,
                               top_k=args.top_k, top_k_text=args.top_k_text)
-    return create_engine(source, max_calls=args.max_calls, device=args.device, sampling=sampling)
+    return create_engine(source, max_calls=args.max_calls, max_backlog_frames=args.max_backlog_frames,
+                         device=args.device, sampling=sampling)
 
 
 def _first_choice(args: argparse.Namespace) -> str:
