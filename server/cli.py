@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lora-weight", help="local LoRA weights file")
     serve.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     serve.add_argument("--max-calls", type=int, default=4, help="simultaneous calls (engine batch size)")
+    serve.add_argument("--cpu-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                       help="torch threads when the model runs on the CPU (default: all cores but one, "
+                            "which the event loop needs for the calls' media)")
     serve.add_argument("--max-backlog-frames", type=int, default=3,
                        help="80 ms frames a call may have waiting for the model; past it the oldest are dropped "
                             "so the delay stays bounded")
@@ -102,7 +105,7 @@ def _engine_for(args: argparse.Namespace, model: str):
     sampling = SamplingConfig(use_sampling=False if args.greedy else None, temp=args.temp, temp_text=args.temp_text,
                               top_k=args.top_k, top_k_text=args.top_k_text)
     return create_engine(source, max_calls=args.max_calls, max_backlog_frames=args.max_backlog_frames,
-                         device=args.device, sampling=sampling)
+                         device=args.device, sampling=sampling, cpu_threads=args.cpu_threads)
 
 
 def _first_choice(args: argparse.Namespace) -> str:

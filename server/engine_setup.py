@@ -32,7 +32,10 @@ def build_stepper(
     sampling: SamplingConfig | None = None,
     frame_size: int | None = None,
     echo_delay_frames: int = 1,
+    cpu_threads: int | None = None,
 ) -> Stepper:
+    """`cpu_threads`: torch threads for a CPU model; leave a core to the event loop, which runs
+    every call's Opus, SRTP and pacing (see docs/BENCHMARKS.md)."""
     if max_calls < 1:
         raise ValueError("max_calls must be at least 1")
     if source.is_echo:
@@ -40,6 +43,8 @@ def build_stepper(
                            delay_frames=echo_delay_frames)
     torch_device = torch.device(device) if device is not None else default_device()
     torch_dtype = dtype if dtype is not None else default_dtype(torch_device)
+    if torch_device.type == "cpu" and cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
     model = load_model(source, torch_device, torch_dtype)
     return MoshiStepper(model, max_calls, sampling or SamplingConfig(), sample_rate=SAMPLE_RATE,
                         frame_size=frame_size)
