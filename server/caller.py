@@ -117,9 +117,12 @@ async def place_call(
     connection, as a caller who vanishes would. `silence_after`: keep sending silence
     once the audio is out (as an open microphone does), or stop sending.
     """
+    if http is None:
+        async with aiohttp.ClientSession() as own_http:
+            return await place_call(url, audio, rate=rate, tail_s=tail_s, events=events, ice=ice,
+                                    relay_only=relay_only, hang_up=hang_up, silence_after=silence_after,
+                                    http=own_http)
     recording = CallRecording()
-    own_http = http is None
-    http = http or aiohttp.ClientSession()
     if ice is None:
         async with http.get(f"{url}/ice-servers") as response:
             servers = (await response.json())["iceServers"] if response.status == 200 else []
@@ -190,8 +193,6 @@ async def place_call(
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
         await pc.close()
-        if own_http:
-            await http.close()
     return recording
 
 

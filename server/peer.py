@@ -1,7 +1,7 @@
 """One call: an aiortc RTCPeerConnection wired to one engine slot.
 
     caller's Opus track --recv()--> InboundAudio (PyAV, float32 24 kHz, 1920-sample frames)
-        --> engine Call.process --> OutboundAudioTrack (20 ms, paced)  --> caller
+        --> engine Call.submit ... results in order --> OutboundAudioTrack (20 ms, paced) --> caller
                                 \\-> text pieces --> "events" data channel --> caller
 
 The inbound track is read for the whole call (an unread aiortc track grows

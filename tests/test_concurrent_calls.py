@@ -53,7 +53,10 @@ def answered(record: dict[str, list]) -> tuple[list, list]:
 
 
 async def test_concurrent_callers_each_hear_only_the_answer_to_their_own_voice(engine_traffic):
-    server = await start_server(create_engine(ModelSource("tiny"), max_calls=3, sampling=GREEDY))
+    # A deep backlog: this test is about isolation, so a busy machine must not drop frames here
+    # (dropping is the bounded-delay feature, tested on its own).
+    server = await start_server(create_engine(ModelSource("tiny"), max_calls=3, sampling=GREEDY,
+                                              max_backlog_frames=100))
     voices = [speechlike(2.5, seed=1), tone(330, 2.5, -18), speechlike(2.5, seed=7)]
 
     alone = []
@@ -67,6 +70,7 @@ async def test_concurrent_callers_each_hear_only_the_answer_to_their_own_voice(e
     together = [engine_traffic[r.session_id] for r in recordings]
     stats = server.engine.stats
     await stop_server(server)
+    assert stats.frames_dropped == 0
 
     for solo, crowd in zip(alone, together, strict=True):
         assert len(solo["inputs"]) == len(crowd["inputs"]) >= 25
