@@ -104,7 +104,10 @@ async def stop_server(server: RunningServer) -> None:
 
 @pytest.fixture
 async def tiny_server():
-    server = await start_server(create_engine(ModelSource("tiny"), max_calls=2, sampling=GREEDY))
+    # As `serve` does on a CPU: one core left to the event loop. A deep backlog, so that a busy test
+    # machine slows these calls down instead of dropping frames (the bound has its own test).
+    engine = create_engine(ModelSource("tiny"), max_calls=2, sampling=GREEDY, cpu_threads=1, max_backlog_frames=25)
+    server = await start_server(engine)
     yield server
     await stop_server(server)
 
