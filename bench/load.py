@@ -65,8 +65,8 @@ def peak_rss_mib(pid: int) -> float:
 async def one_caller(url: str, seconds: float, index: int) -> dict:
     from aiortc import RTCPeerConnection, RTCSessionDescription
 
-    from server.audio_in import InboundAudio
     from server.audio_out import OutboundAudioTrack
+    from server.caller import record_track
     from server.ice import IceConfig
     from server.latency_probe import BurstPlan
 
@@ -79,18 +79,7 @@ async def one_caller(url: str, seconds: float, index: int) -> dict:
     arrivals: list[float] = []
     readers = []
 
-    @pc.on("track")
-    def on_track(track):
-        async def record():
-            inbound = InboundAudio(sample_rate=24000, frame_size=480)
-            while True:
-                frame = await track.recv()
-                now = time.monotonic()
-                for chunk in inbound.push(frame):
-                    chunks.append(chunk)
-                    arrivals.append(now)
-
-        readers.append(asyncio.ensure_future(record()))
+    pc.on("track", lambda track: readers.append(asyncio.ensure_future(record_track(track, chunks, arrivals))))
 
     await pc.setLocalDescription(await pc.createOffer())
     offer = {"sdp": pc.localDescription.sdp, "type": "offer"}

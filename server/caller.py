@@ -160,7 +160,7 @@ async def place_call(
     def on_track(track: MediaStreamTrack) -> None:
         nonlocal reader
         if track.kind == "audio":
-            reader = asyncio.ensure_future(_record(track, recording))
+            reader = asyncio.ensure_future(record_track(track, recording.chunks, recording.arrivals))
 
     started = time.monotonic()
     try:
@@ -205,12 +205,13 @@ async def _first_of(*events: asyncio.Event, timeout: float) -> None:
             waiter.cancel()
 
 
-async def _record(track: MediaStreamTrack, recording: CallRecording) -> None:
+async def record_track(track: MediaStreamTrack, chunks: list[np.ndarray], arrivals: list[float]) -> None:
+    """Append a track's audio as 20 ms float32 mono 24 kHz chunks, with the time each came in, until it ends."""
     inbound = InboundAudio(sample_rate=RECORD_RATE, frame_size=RECORD_RATE // 50)
     with contextlib.suppress(MediaStreamError):
         while True:
             frame = await track.recv()
             now = time.monotonic()
             for chunk in inbound.push(frame):
-                recording.chunks.append(chunk)
-                recording.arrivals.append(now)
+                chunks.append(chunk)
+                arrivals.append(now)

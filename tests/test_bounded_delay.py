@@ -12,8 +12,8 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from conftest import start_server, stop_server
 
-from server.audio_in import InboundAudio
 from server.audio_out import OutboundAudioTrack
+from server.caller import record_track
 from server.engine_setup import create_engine
 from server.latency_probe import BurstPlan
 from server.model_source import ModelSource
@@ -45,18 +45,7 @@ async def test_a_slow_model_keeps_the_delay_bounded_and_the_call_recovers():
     chunks: list[np.ndarray] = []
     arrivals: list[float] = []
 
-    @pc.on("track")
-    def on_track(track):
-        async def record():
-            inbound = InboundAudio(sample_rate=24000, frame_size=480)
-            while True:
-                frame = await track.recv()
-                now = time.monotonic()
-                for chunk in inbound.push(frame):
-                    chunks.append(chunk)
-                    arrivals.append(now)
-
-        asyncio.ensure_future(record())
+    pc.on("track", lambda track: asyncio.ensure_future(record_track(track, chunks, arrivals)))
 
     await pc.setLocalDescription(await pc.createOffer())
     offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
