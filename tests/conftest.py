@@ -66,6 +66,7 @@ async def sampling_engine():
 
 # -- a real server on loopback ----------------------------------------------------------------
 
+import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from server.ice import use_host_addresses  # noqa: E402
@@ -95,6 +96,19 @@ async def start_server(engine: Engine, config: SignalingConfig | None = None, st
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     return RunningServer(engine, service, runner, f"http://127.0.0.1:{port}")
+
+
+async def connect(server: RunningServer, pc):
+    """Offer from a hand-built aiortc peer to the server's /offer; apply the answer; return the session."""
+    from aiortc import RTCSessionDescription
+
+    await pc.setLocalDescription(await pc.createOffer())
+    offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+    async with aiohttp.ClientSession() as http, http.post(f"{server.url}/offer", json=offer) as response:
+        answer = await response.json()
+    session = server.service.sessions[answer["session_id"]]
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    return session
 
 
 async def stop_server(server: RunningServer) -> None:

@@ -7,10 +7,9 @@ import asyncio
 import json
 import time
 
-import aiohttp
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
-from conftest import start_server, stop_server
+from aiortc import RTCPeerConnection
+from conftest import connect, start_server, stop_server
 
 from server.audio_out import OutboundAudioTrack
 from server.caller import record_track
@@ -47,12 +46,7 @@ async def test_a_slow_model_keeps_the_delay_bounded_and_the_call_recovers():
 
     pc.on("track", lambda track: asyncio.ensure_future(record_track(track, chunks, arrivals)))
 
-    await pc.setLocalDescription(await pc.createOffer())
-    offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
-    async with aiohttp.ClientSession() as http, http.post(f"{server.url}/offer", json=offer) as response:
-        answer = await response.json()
-    session = server.service.sessions[answer["session_id"]]
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    session = await connect(server, pc)
     # The scenario's timeline: 8 s normal, 12 s with every step taking 200 ms, then normal again.
     await asyncio.sleep(8.0)
     slow["on"] = True

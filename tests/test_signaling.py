@@ -10,9 +10,9 @@ import time
 import aiohttp
 import numpy as np
 import pytest
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamTrack
-from conftest import start_server, stop_server
+from conftest import connect, start_server, stop_server
 from test_call_e2e import dbfs, speechlike, tone
 
 from server.caller import CallRefused, place_call
@@ -143,12 +143,7 @@ async def test_a_track_that_never_sends_ends_the_call_with_a_clear_error():
         if messages[-1]["type"] == "bye":
             bye.set()
 
-    await pc.setLocalDescription(await pc.createOffer())
-    offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
-    async with aiohttp.ClientSession() as http, http.post(f"{server.url}/offer", json=offer) as response:
-        answer = await response.json()
-    session = server.service.sessions[answer["session_id"]]
-    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+    session = await connect(server, pc)
     await asyncio.wait_for(bye.wait(), 10)
     await asyncio.wait_for(session.ended.wait(), 2)
     assert [m["type"] for m in messages] == ["ready", "error", "bye"]
