@@ -120,7 +120,13 @@ class CallStats:
     text_pieces: int = 0
     last_input_rms: float = 0.0
     last_output_rms: float = 0.0
+    input_rms_sum: float = 0.0
     step_ms_total: float = 0.0
+
+    @property
+    def mean_input_rms(self) -> float:
+        """Mean RMS of the frames the caller sent: a level problem shows here at once."""
+        return self.input_rms_sum / self.frames_in if self.frames_in else 0.0
 
     @property
     def mean_step_ms(self) -> float:
@@ -157,6 +163,7 @@ class _PendingFrame:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     submitted: float
+    input_rms: float
 
 
 class Call:
@@ -184,9 +191,11 @@ class Call:
         frame = check_frame(frame, self.engine.frame_size)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        level = rms(frame)
         self.stats.frames_in += 1
-        log.debug("call %d slot %d input rms %.4f", self.call_id, self.slot, rms(frame))
-        self.engine._submit(_PendingFrame(self, frame, future, loop, time.perf_counter()))
+        self.stats.input_rms_sum += level
+        log.debug("call %d slot %d input rms %.4f", self.call_id, self.slot, level)
+        self.engine._submit(_PendingFrame(self, frame, future, loop, time.perf_counter(), level))
         return future
 
     async def process(self, frame: np.ndarray) -> FrameResult:
@@ -212,7 +221,7 @@ class Call:
             audio=audio,
             text=output.text,
             silent=silent,
-            input_rms=rms(pending.frame),
+            input_rms=pending.input_rms,
             output_rms=rms(audio),
             step_ms=step_ms,
             latency_ms=1000 * (time.perf_counter() - pending.submitted),

@@ -32,7 +32,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .audio_in import InboundAudio
 from .audio_out import OutboundAudioTrack
-from .engine import Call, Engine, FrameDropped, rms
+from .engine import Call, CallStats, Engine, FrameDropped
 from .ice import IceConfig
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,14 @@ EVENTS_LABEL = "events"
 
 @dataclass
 class PeerStats:
+    """What only the peer knows; frame counts and levels are the engine call's (`CallStats`)."""
+
+    call: CallStats
     connected_at: float | None = None
-    frames_to_engine: int = 0
-    frames_from_engine: int = 0
-    text_messages: int = 0
-    input_rms_sum: float = 0.0
 
     @property
     def mean_input_rms(self) -> float:
-        return self.input_rms_sum / self.frames_to_engine if self.frames_to_engine else 0.0
+        return self.call.mean_input_rms
 
 
 class RelayUnavailable(RuntimeError):
@@ -81,7 +80,7 @@ class CallSession:
                                            max_standing_ms=max_standing_ms)
         self.inbound = InboundAudio(sample_rate=engine.sample_rate, frame_size=engine.frame_size)
         self.events: RTCDataChannel | None = None
-        self.stats = PeerStats()
+        self.stats = PeerStats(call.stats)
         self.started_at = time.monotonic()
         self.end_reason: str | None = None
         self.ended = asyncio.Event()
@@ -158,11 +157,7 @@ class CallSession:
             asyncio.ensure_future(self.hang_up(reason))
 
     def _submit(self, samples) -> None:
-        self.stats.frames_to_engine += 1
-        level = rms(samples)
-        self.stats.input_rms_sum += level
-        log.debug("session %s: input rms %.4f", self.session_id, level)
-        self._results.put_nowait(self.call.submit(samples))
+        self._results.put_nowait(self.call.submit(samples))  # the call logs and counts its input level
 
     async def _play_results(self) -> None:
         """Take the engine's results in order: audio to the outbound track, text to `events`."""
@@ -174,10 +169,8 @@ class CallSession:
                 except FrameDropped:
                     self._report_drops()
                     continue
-                self.stats.frames_from_engine += 1
                 self.outbound.push(result.audio)
                 if result.text is not None:
-                    self.stats.text_messages += 1
                     self.send_event({"type": "text", "text": result.text})
                 self._report_drops()
         except asyncio.CancelledError:
