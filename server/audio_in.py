@@ -49,3 +49,26 @@ class InboundAudio:
     @property
     def buffered_samples(self) -> int:
         return len(self._pending)
+
+    def flush(self) -> np.ndarray:
+        """Everything left: the resampler's tail and the samples after the last whole frame (for files)."""
+        pieces = [self._pending]
+        if self._resampler is not None:
+            for out in self._resampler.resample(None):
+                planes = out.to_ndarray()
+                pieces.append(planes.mean(axis=0, dtype=np.float32) if planes.shape[0] > 1 else planes[0])
+        self._pending = np.zeros(0, dtype=np.float32)
+        return np.concatenate(pieces)
+
+
+def read_audio_file(path: str, sample_rate: int = 24000) -> np.ndarray:
+    """Decode any audio file PyAV reads to float32 mono at `sample_rate`, the same way calls are resampled."""
+    inbound = InboundAudio(sample_rate=sample_rate, frame_size=sample_rate)
+    pieces: list[np.ndarray] = []
+    with av.open(path) as container:
+        if not container.streams.audio:
+            raise ValueError(f"{path} has no audio stream")
+        for frame in container.decode(audio=0):
+            pieces += inbound.push(frame)
+    pieces.append(inbound.flush())
+    return np.concatenate(pieces).astype(np.float32)

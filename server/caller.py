@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
-import av
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -48,6 +47,7 @@ class CallRecording:
     offer_ms: float = 0.0  # POST /offer round trip, ICE gathering on both sides included
     connect_ms: float = 0.0  # from creating the offer to ICE+DTLS connected
     first_audio_ms: float | None = None  # from connected to the first non-silent reply frame
+    answered_at: float | None = None  # monotonic time the answer came back
     chunks: list[np.ndarray] = field(default_factory=list)  # reply audio, float32 mono 24 kHz
     arrivals: list[float] = field(default_factory=list)  # monotonic time each chunk came in
     texts: list[str] = field(default_factory=list)
@@ -57,6 +57,12 @@ class CallRecording:
     @property
     def audio(self) -> np.ndarray:
         return np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.float32)
+
+    @property
+    def first_voiced_at(self) -> float | None:
+        """Arrival time of the first reply chunk that is not silence."""
+        voiced = [t for t, c in zip(self.arrivals, self.chunks, strict=True) if c.size and np.abs(c).max() > 1e-3]
+        return voiced[0] if voiced else None
 
     @property
     def transcript(self) -> str:
@@ -69,22 +75,16 @@ class CallRecording:
             "offer_ms": round(self.offer_ms, 1),
             "connect_ms": round(self.connect_ms, 1),
             "first_audio_ms": None if self.first_audio_ms is None else round(self.first_audio_ms, 1),
+            "answer_to_first_audio_ms": (
+                None if self.first_voiced_at is None or self.answered_at is None
+                else round(1000 * (self.first_voiced_at - self.answered_at), 1)
+            ),
             "reply_seconds": round(len(audio) / RECORD_RATE, 3),
             "reply_rms": round(float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))), 5) if audio.size else 0.0,
             "text_messages": len(self.texts),
             "events": [e.get("type") for e in self.events],
             "end_reason": self.end_reason,
         }
-
-
-def read_audio_file(path: str | Path, rate: int = SEND_RATE) -> np.ndarray:
-    """Any file PyAV reads, as float32 mono at `rate` (channels averaged, level kept)."""
-    inbound = InboundAudio(sample_rate=rate, frame_size=rate // 50)
-    chunks = []
-    with av.open(str(path)) as container:
-        for frame in container.decode(audio=0):
-            chunks.extend(inbound.push(frame))
-    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
 
 def write_wav(path: str | Path, samples: np.ndarray, rate: int = RECORD_RATE) -> None:
@@ -108,6 +108,7 @@ async def place_call(
     hang_up: str = "delete",
     silence_after: bool = True,
     http: aiohttp.ClientSession | None = None,
+    persona: dict | None = None,
 ) -> CallRecording:
     """Call `url` (the server's base URL), stream `audio` in real time, record the reply.
 
@@ -116,12 +117,13 @@ async def place_call(
     `hang_up`: "delete" ends with DELETE /sessions/{id}, "close" just closes the peer
     connection, as a caller who vanishes would. `silence_after`: keep sending silence
     once the audio is out (as an open microphone does), or stop sending.
+    `persona`: {"prompt": ..., "voice": ...} for a model that takes one.
     """
     if http is None:
         async with aiohttp.ClientSession() as own_http:
             return await place_call(url, audio, rate=rate, tail_s=tail_s, events=events, ice=ice,
                                     relay_only=relay_only, hang_up=hang_up, silence_after=silence_after,
-                                    http=own_http)
+                                    http=own_http, persona=persona)
     recording = CallRecording()
     if ice is None:
         async with http.get(f"{url}/ice-servers") as response:
@@ -168,12 +170,16 @@ async def place_call(
         if relay_only and " typ relay" not in pc.localDescription.sdp:
             raise CallFailed("no TURN relay candidate: the TURN server is unreachable or refused the credentials")
         posted = time.monotonic()
-        async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as response:
+        offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+        if persona is not None:
+            offer["persona"] = persona
+        async with http.post(f"{url}/offer", json=offer) as response:
             body = await response.json()
             if response.status != 200:
                 raise CallRefused(response.status, body.get("error", ""), response.headers.get("Retry-After"))
         recording.offer_ms = 1000 * (time.monotonic() - posted)
         recording.session_id = body["session_id"]
+        recording.answered_at = time.monotonic()
         await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
         await _first_of(connected, failed, timeout=10)
         if not connected.is_set():
@@ -184,9 +190,8 @@ async def place_call(
         if hang_up == "delete":
             async with http.delete(f"{url}/sessions/{recording.session_id}") as response:
                 await response.read()
-        voiced = [t for t, c in zip(recording.arrivals, recording.chunks, strict=True) if np.abs(c).max() > 1e-3]
-        if voiced:
-            recording.first_audio_ms = 1000 * (voiced[0] - connected_at)
+        if recording.first_voiced_at is not None:
+            recording.first_audio_ms = 1000 * (recording.first_voiced_at - connected_at)
     finally:
         if reader is not None:
             reader.cancel()

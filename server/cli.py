@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from .persona import PersonaLimits
 from .turn import TURN_SECRET_ENV
 
 WHIP_TOKEN_ENV = "MOSHI_WEBRTC_WHIP_TOKEN"
@@ -40,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--model", default=AUTO,
-                       help="auto (moshiko on a GPU, else tiny), tiny, echo, a Hugging Face repo id, or a directory")
+                       help="auto (moshiko on a GPU, else tiny), tiny, tiny-persona, echo, a Hugging Face repo id "
+                            "(e.g. nvidia/personaplex-7b-v1), or a directory")
     serve.add_argument("--revision", help="Hugging Face revision (branch, tag or commit)")
     serve.add_argument("--moshi-weight", help="local Moshi weights file (overrides the repo's)")
     serve.add_argument("--mimi-weight", help="local Mimi weights file (overrides the repo's)")
@@ -77,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"bearer token WHIP clients must send (or ${WHIP_TOKEN_ENV}); default: WHIP is open")
     serve.add_argument("--media-timeout", type=float, default=10.0,
                        help="end a call whose caller sends no audio for this many seconds")
+    persona = serve.add_argument_group("personas (PersonaPlex-style models)")
+    persona.add_argument("--voices", help="folder of voice clips (wav, flac, mp3...) and/or PersonaPlex .pt voices, "
+                                          "or a voices.tgz holding them")
+    persona.add_argument("--default-voice", help="voice for calls that name none (default: the first by name)")
+    persona.add_argument("--default-prompt", help="text prompt for calls that send none (default: PersonaPlex's)")
+    persona.add_argument("--max-prompt-chars", type=int, default=PersonaLimits.max_prompt_chars)
+    persona.add_argument("--max-prompt-tokens", type=int, default=PersonaLimits.max_prompt_tokens,
+                         help="each token is one model step of replay before the call starts")
+    persona.add_argument("--max-voice-seconds", type=float, default=PersonaLimits.max_voice_seconds)
     serve.add_argument("--log-level", default="INFO")
 
     call = commands.add_parser("call", help="call a server with a WAV file and record the reply")
@@ -87,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--ice-server", action="append", default=[], metavar="URL")
     call.add_argument("--ice-host-address", action="append", default=[], metavar="IP")
     call.add_argument("--relay", action="store_true", help="use TURN relay candidates only")
+    call.add_argument("--prompt", help="persona text prompt (PersonaPlex-style models)")
+    call.add_argument("--voice", help="persona voice, one of the server's (GET /personas)")
     call.add_argument("--log-level", default="WARNING")
     return parser
 
@@ -105,7 +118,28 @@ def _engine_for(args: argparse.Namespace, model: str):
     sampling = SamplingConfig(use_sampling=False if args.greedy else None, temp=args.temp, temp_text=args.temp_text,
                               top_k=args.top_k, top_k_text=args.top_k_text)
     return create_engine(source, max_calls=args.max_calls, max_backlog_frames=args.max_backlog_frames,
-                         device=args.device, sampling=sampling, cpu_threads=args.cpu_threads)
+                         device=args.device, sampling=sampling, cpu_threads=args.cpu_threads,
+                         voices=_voice_options(args, model))
+
+
+def _voice_options(args: argparse.Namespace, model: str):
+    """None unless an operator set a persona option: a model that takes no persona then refuses to start."""
+    from pathlib import Path
+
+    from .persona_step import VoiceOptions
+    from .voices import voices_folder
+
+    limits = PersonaLimits(args.max_prompt_chars, args.max_prompt_tokens, args.max_voice_seconds)
+    if not (args.voices or args.default_voice or args.default_prompt is not None) and limits == PersonaLimits():
+        return None
+    folder = voices_folder(Path(args.voices)) if args.voices else None
+    synthetic = None
+    if folder is None and model == "tiny-persona":
+        from .persona_step import synthetic_voices
+
+        synthetic = synthetic_voices()
+    return VoiceOptions(folder=folder, synthetic=synthetic, limits=limits, default_voice=args.default_voice,
+                        default_prompt=args.default_prompt)
 
 
 def _first_choice(args: argparse.Namespace) -> str:
@@ -113,7 +147,9 @@ def _first_choice(args: argparse.Namespace) -> str:
         return args.model
     from moshi.models.loaders import DEFAULT_REPO
 
-    return DEFAULT_REPO if torch.cuda.is_available() else "tiny"
+    if torch.cuda.is_available():
+        return DEFAULT_REPO
+    return "tiny-persona" if args.voices else "tiny"
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -174,14 +210,17 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 async def call(args: argparse.Namespace) -> int:
-    from .caller import CallFailed, CallRefused, place_call, read_audio_file, write_wav
+    from .audio_in import read_audio_file
+    from .caller import SEND_RATE, CallFailed, CallRefused, place_call, write_wav
     from .ice import IceConfig, parse_ice_server, use_host_addresses
 
     use_host_addresses(args.ice_host_address or None)
-    audio = read_audio_file(args.input)
+    audio = read_audio_file(args.input, SEND_RATE)
+    persona = {key: value for key, value in (("prompt", args.prompt), ("voice", args.voice)) if value is not None}
     ice = IceConfig(tuple(parse_ice_server(url) for url in args.ice_server)) if args.ice_server else None
     try:
-        recording = await place_call(args.url.rstrip("/"), audio, tail_s=args.tail, ice=ice, relay_only=args.relay)
+        recording = await place_call(args.url.rstrip("/"), audio, tail_s=args.tail, ice=ice, relay_only=args.relay,
+                                     persona=persona or None)
     except CallRefused as refused:
         print(f"the server refused the call: {refused}", file=sys.stderr)
         return 2

@@ -13,12 +13,12 @@ from collections import deque
 
 import numpy as np
 
-from .stepper import ModelInfo, SlotOutput
+from .stepper import ModelInfo, NoPrompts, SlotOutput
 
 ECHO_NAME = "echo"
 
 
-class EchoStepper:
+class EchoStepper(NoPrompts):
     def __init__(self, batch_size: int, frame_size: int = 1920, sample_rate: int = 24000, delay_frames: int = 1):
         if delay_frames < 0:
             raise ValueError("delay_frames must be >= 0")

@@ -6,6 +6,9 @@ Public interface
     await engine.start()            # builds the model and warms up, on the inference thread
     engine.info                     # ModelInfo: name, is_test_model, notice, layout line
     call = await engine.open_call(seed=None)    # takes a free slot; EngineFull when none
+    plan = engine.plan_persona(Persona(...))    # PersonaPlex-style models: check a persona (PersonaError)
+    call = await engine.open_call(prompt=plan)  # ... and replay it in the call's slot first;
+    await call.prompt_done                      # resolves when the model has heard it
     result = await call.process(frame)          # frame: float32 [-1, 1], engine.frame_size samples
     result.audio, result.text                   # the model's 80 ms of audio, a text piece or None
     future = call.submit(frame)                 # the same without waiting; FrameDropped if the model
@@ -30,6 +33,9 @@ Rules it keeps:
   falls behind, the oldest are dropped (FrameDropped) and counted, never queued without end.
 - An out-of-range token is an error for its call (see `server.tokens`); the
   call fails, the other calls go on, and the engine counts it.
+- A persona prompt replays in its own slot, riding along with the other
+  calls' steps and in steps of its own when nobody else has a frame waiting,
+  so other calls keep their pace. Its caller's frames meanwhile get silence.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from .persona import Persona, PersonaError, PromptBook, PromptPlan
 from .stepper import ModelInfo, SlotOutput, Stepper
 
 log = logging.getLogger(__name__)
@@ -113,6 +120,7 @@ class FrameResult:
 @dataclass
 class CallStats:
     frames_in: int = 0
+    frames_during_prompt: int = 0
     frames_out: int = 0
     frames_silent: int = 0
     frames_dropped: int = 0
@@ -137,6 +145,7 @@ class CallStats:
 class EngineStats:
     steps: int = 0
     slot_steps: int = 0
+    prompt_steps: int = 0
     token_errors: int = 0
     frames_dropped: int = 0
     calls_opened: int = 0
@@ -148,6 +157,7 @@ class EngineStats:
         return {
             "steps": self.steps,
             "slot_steps": self.slot_steps,
+            "prompt_steps": self.prompt_steps,
             "frames_dropped": self.frames_dropped,
             "token_errors": self.token_errors,
             "calls_opened": self.calls_opened,
@@ -169,7 +179,7 @@ class _PendingFrame:
 class Call:
     """One caller's hold on a slot. Created by `Engine.open_call`."""
 
-    def __init__(self, engine: Engine, slot: int, call_id: int, seed: int):
+    def __init__(self, engine: Engine, slot: int, call_id: int, seed: int, prompt: PromptPlan | None = None):
         self.engine = engine
         self.slot = slot
         self.call_id = call_id
@@ -177,6 +187,28 @@ class Call:
         self.stats = CallStats()
         self.closed = False
         self.error: Exception | None = None
+        self.prompt = prompt
+        self.loop = asyncio.get_running_loop()
+        # Resolves to the prompt's replay time in seconds (0.0 with no prompt).
+        self.prompt_done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._prompt_started = time.perf_counter()
+        if prompt is None:
+            self.prompt_done.set_result(0.0)
+
+    @property
+    def prompting(self) -> bool:
+        return not self.prompt_done.done()
+
+    def _finish_prompt(self) -> None:
+        """On the event loop: the model has replayed this call's prompt."""
+        if not self.prompt_done.done():
+            seconds = time.perf_counter() - self._prompt_started
+            log.info("call %d: prompt replayed in %.2f s (%s)", self.call_id, seconds, self.prompt.description)
+            self.prompt_done.set_result(seconds)
+
+    def _fail_prompt(self, exc: Exception) -> None:
+        self.error = exc
+        _fail_future(self.prompt_done, exc)
 
     def submit(self, frame: np.ndarray) -> asyncio.Future:
         """Queue one frame; the future resolves to its FrameResult, or raises FrameDropped.
@@ -205,10 +237,12 @@ class Call:
     async def close(self) -> None:
         await self.engine._close_call(self)
 
-    def _deliver(self, pending: _PendingFrame, output: SlotOutput, step_ms: float) -> None:
-        """On the event loop: account for the step's output and resolve the frame's future."""
+    def _deliver(self, pending: _PendingFrame, output: SlotOutput, step_ms: float, prompting: bool = False) -> None:
+        """On the event loop: account for the step's output and resolve the frame's future.
+        `prompting`: the frame came while the slot replayed its prompt and was not fed to the model."""
         if pending.future.done():
             return
+        self.stats.frames_during_prompt += int(prompting)
         if output.error is not None:
             self.stats.token_errors += 1
             self.error = output.error
@@ -331,8 +365,24 @@ class Engine:
 
     # -- calls ------------------------------------------------------------------------------
 
-    async def open_call(self, seed: int | None = None) -> Call:
-        """Take a free slot and reset it. Raises EngineNotReady before warm-up, EngineFull when full."""
+    @property
+    def prompt_book(self) -> PromptBook | None:
+        """The voices, limits and defaults of a model that takes a persona; None for one that takes none."""
+        return self.stepper.prompt_book
+
+    def plan_persona(self, persona: Persona | None) -> PromptPlan:
+        """Check a persona against this model's voices and limits (PersonaError says what is wrong)."""
+        book = self.prompt_book
+        if book is None:
+            raise PersonaError(
+                f"the model {self.info.name} ({self.info.kind}) takes no persona: text and voice prompts "
+                "need a PersonaPlex-style model"
+            )
+        return book.plan(persona)
+
+    async def open_call(self, seed: int | None = None, prompt: PromptPlan | None = None) -> Call:
+        """Take a free slot, reset it, and start replaying `prompt` there if one is given.
+        Raises EngineNotReady before warm-up, EngineFull when full."""
         if not self.ready:
             raise EngineNotReady("the engine is still warming up")
         with self._cond:
@@ -340,11 +390,17 @@ class Engine:
             if not free:
                 raise EngineFull(f"all {len(self._slots)} call slots are busy")
             slot = free[0]
-            call = Call(self, slot, self._next_call_id, seed if seed is not None else secrets.randbits(63))
+            call = Call(self, slot, self._next_call_id, seed if seed is not None else secrets.randbits(63), prompt)
             self._next_call_id += 1
             self._slots[slot] = call
+
+        def reset() -> None:
+            self.stepper.reset_slots([slot], [call.seed])
+            if prompt is not None:
+                self.stepper.start_prompt(slot, prompt)
+
         try:
-            await self._run_op(lambda: self.stepper.reset_slots([slot], [call.seed]))
+            await self._run_op(reset)
         except BaseException:
             with self._cond:
                 self._slots[slot] = None
@@ -363,8 +419,8 @@ class Engine:
         for item in dropped:
             item.future.cancel()
         if not self._stopping:
-            # A no-op through the thread: once it runs, no step still holds this call's frame.
-            await self._run_op(lambda: None)
+            # Through the thread: once it runs, no step still holds this call's frame or prompt.
+            await self._run_op(lambda: self.stepper.end_prompt(call.slot))
         with self._cond:
             if self._slots[call.slot] is call:
                 self._slots[call.slot] = None
@@ -399,10 +455,16 @@ class Engine:
 
     # -- the inference thread --------------------------------------------------------------
 
+    def _prompting(self) -> np.ndarray:
+        """Slots replaying a prompt (inference thread only)."""
+        if self._stepper is None:
+            return np.zeros(0, dtype=bool)
+        return self._stepper.prompting_rows()
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._stopping or self._ops or any(self._pending)):
+                while not (self._stopping or self._ops or any(self._pending) or self._prompting().any()):
                     self._cond.wait()
                 if self._stopping:
                     ops, batch = list(self._ops), []
@@ -421,13 +483,18 @@ class Engine:
                     future.set_exception(exc)
             if self._stopping:
                 return
-            if batch:
-                self._step(batch)
+            prompting = self._prompting()
+            if batch or prompting.any():
+                self._step(batch, prompting)
 
-    def _step(self, batch: list[_PendingFrame]) -> None:
+    def _step(self, batch: list[_PendingFrame], prompting: np.ndarray) -> None:
         stepper = self.stepper
         frames = np.zeros((stepper.batch_size, stepper.frame_size), dtype=np.float32)
         rows = np.zeros(stepper.batch_size, dtype=bool)
+        for item in [item for item in batch if prompting[item.call.slot]]:
+            # A slot replaying its prompt does not hear its caller yet: the frame gets silence now.
+            batch.remove(item)
+            item.loop.call_soon_threadsafe(item.call._deliver, item, SlotOutput(), 0.0, True)
         for item in batch:
             frames[item.call.slot] = item.frame
             rows[item.call.slot] = True
@@ -435,13 +502,18 @@ class Engine:
         try:
             outputs = stepper.step(frames, rows)
         except Exception as exc:
-            log.exception("engine step failed for slots %s", np.flatnonzero(rows).tolist())
+            log.exception("engine step failed for slots %s", np.flatnonzero(rows | prompting).tolist())
             for item in batch:
                 item.loop.call_soon_threadsafe(_fail_future, item.future, exc)
+            for slot in np.flatnonzero(prompting):  # a prompt that cannot step must not be retried forever
+                stepper.end_prompt(slot)
+                if (call := self._slots[slot]) is not None:
+                    call.loop.call_soon_threadsafe(call._fail_prompt, exc)
             return
         step_ms = 1000 * (time.perf_counter() - started)
         self.stats.steps += 1
         self.stats.slot_steps += len(batch)
+        self.stats.prompt_steps += int(prompting.sum())
         self.stats.step_ms.append(step_ms)
         for item in batch:
             output = outputs[item.call.slot]
@@ -449,6 +521,10 @@ class Engine:
                 self.stats.token_errors += 1
                 log.error("call %d: %s", item.call.call_id, output.error)
             item.loop.call_soon_threadsafe(item.call._deliver, item, output, step_ms)
+        for slot in np.flatnonzero(prompting):
+            call = self._slots[slot]
+            if outputs[slot].prompt_finished and call is not None:
+                call.loop.call_soon_threadsafe(call._finish_prompt)
 
 
 def _fail_future(future: asyncio.Future, exc: BaseException) -> None:

@@ -14,9 +14,10 @@ import torch
 
 from .echo_step import EchoStepper
 from .engine import Engine
-from .model_check import default_device, default_dtype
+from .model_check import default_device, default_dtype, read_layout
 from .model_source import ModelSource, load_model
 from .moshi_step import MoshiStepper, SamplingConfig
+from .persona_step import PersonaStepper, VoiceOptions, synthetic_voices
 from .stepper import Stepper
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,11 @@ def build_stepper(
     frame_size: int | None = None,
     echo_delay_frames: int = 1,
     cpu_threads: int | None = None,
+    voices: VoiceOptions | None = None,
 ) -> Stepper:
     """`cpu_threads`: torch threads for a CPU model; leave a core to the event loop, which runs
-    every call's Opus, SRTP and pacing (see docs/BENCHMARKS.md)."""
+    every call's Opus, SRTP and pacing (see docs/BENCHMARKS.md).
+    `voices`: the voice library of a PersonaPlex-style model; refused for a model that takes none."""
     if max_calls < 1:
         raise ValueError("max_calls must be at least 1")
     if source.is_echo:
@@ -46,6 +49,14 @@ def build_stepper(
     if torch_device.type == "cpu" and cpu_threads is not None:
         torch.set_num_threads(cpu_threads)
     model = load_model(source, torch_device, torch_dtype)
+    layout = read_layout(model.mimi, model.lm, model.text_tokenizer)
+    if layout.takes_persona:
+        if voices is None:
+            voices = VoiceOptions(synthetic=synthetic_voices(SAMPLE_RATE) if model.is_test_model else None)
+        return PersonaStepper(model, max_calls, sampling or SamplingConfig(), sample_rate=SAMPLE_RATE,
+                              frame_size=frame_size, voices=voices)
+    if voices is not None:
+        raise ValueError(f"{model.name} is a {layout.kind} model: it takes no persona, so voices cannot be used")
     return MoshiStepper(model, max_calls, sampling or SamplingConfig(), sample_rate=SAMPLE_RATE,
                         frame_size=frame_size)
 

@@ -40,9 +40,23 @@ class ModelLayout:
     dtype: str
 
     @property
+    def kind(self) -> str:
+        """`personaplex` when the depth transformer also predicts the caller (n_q == dep_q), else `moshi`."""
+        return "personaplex" if self.n_q == self.dep_q else "moshi"
+
+    @property
+    def takes_persona(self) -> bool:
+        return self.kind == "personaplex"
+
+    @property
+    def model_codebooks(self) -> int:
+        """How many codebooks of the model's own voice each step yields; only these go to Mimi's decoder."""
+        return self.dep_q // 2 if self.takes_persona else self.dep_q
+
+    @property
     def user_codebooks(self) -> int:
         """How many of Mimi's codebooks the LM reads from the caller's audio."""
-        return self.n_q - self.dep_q
+        return self.dep_q // 2 if self.takes_persona else self.n_q - self.dep_q
 
     @property
     def max_delay(self) -> int:
@@ -50,8 +64,8 @@ class ModelLayout:
 
     def describe(self) -> str:
         return (
-            f"card={self.card} text_card={self.text_card} n_q={self.n_q} dep_q={self.dep_q} "
-            f"user_codebooks={self.user_codebooks} delays={list(self.delays)} "
+            f"kind={self.kind} card={self.card} text_card={self.text_card} n_q={self.n_q} dep_q={self.dep_q} "
+            f"model_codebooks={self.model_codebooks} user_codebooks={self.user_codebooks} delays={list(self.delays)} "
             f"mimi_codebooks={self.mimi_codebooks} mimi_cardinality={self.mimi_cardinality} "
             f"tokenizer_size={self.tokenizer_size} sample_rate={self.sample_rate} "
             f"frame_size={self.frame_size} device={self.device} dtype={self.dtype}"
@@ -77,20 +91,22 @@ def read_layout(mimi: MimiModel, lm: LMModel, tokenizer: sentencepiece.SentenceP
 
 def check_layout(layout: ModelLayout, *, sample_rate: int, frame_size: int | None = None) -> None:
     """Raise ModelMismatch naming the first thing that does not fit."""
-    if layout.user_codebooks <= 0:
+    if layout.n_q < layout.dep_q:
+        raise ModelMismatch(f"the LM generates dep_q={layout.dep_q} codebooks out of only n_q={layout.n_q}")
+    if layout.takes_persona and layout.dep_q % 2:
         raise ModelMismatch(
-            f"the LM reads {layout.user_codebooks} codebooks of the caller's audio (n_q={layout.n_q}, "
-            f"dep_q={layout.dep_q}): stock moshi generation would silently ignore the caller. "
-            "A PersonaPlex-style checkpoint needs its own generation step."
+            f"n_q == dep_q == {layout.dep_q} looks like a PersonaPlex layout, but it needs an even dep_q "
+            "(half the model's voice, half the caller's)"
         )
     if layout.mimi_codebooks < layout.user_codebooks:
         raise ModelMismatch(
             f"Mimi yields {layout.mimi_codebooks} codebooks but the LM reads {layout.user_codebooks} "
             f"from the caller (n_q={layout.n_q}, dep_q={layout.dep_q})"
         )
-    if layout.mimi_codebooks < layout.dep_q:
+    if layout.mimi_codebooks < layout.model_codebooks:
         raise ModelMismatch(
-            f"Mimi decodes {layout.mimi_codebooks} codebooks but the LM generates dep_q={layout.dep_q}"
+            f"Mimi decodes {layout.mimi_codebooks} codebooks but the LM generates {layout.model_codebooks} "
+            "of its own voice"
         )
     if layout.mimi_cardinality != layout.card:
         raise ModelMismatch(

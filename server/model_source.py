@@ -6,6 +6,8 @@ A source is one of:
   (Moshi weights, Mimi weights, tokenizer, config.json, LoRA weights);
 - a local checkpoint directory (config.json naming its files, as in a repo);
 - `tiny`: the built-in random test model (see `server.tiny_model`);
+- `tiny-persona`: the same, in PersonaPlex's layout (the depth transformer
+  also predicts the caller's codebooks);
 - `echo`: no model at all; the engine hands audio back (see `server.echo_step`).
 
 Repo ids and directories both become a `moshi.models.loaders.CheckpointInfo`
@@ -27,12 +29,20 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
 from .model_check import check_config_keys
-from .tiny_model import TINY_DEFAULT_SEED, TINY_MODEL_NAME, build_tiny_model, random_weights_notice
+from .tiny_model import (
+    TINY_DEFAULT_SEED,
+    TINY_MODEL_NAME,
+    TINY_PERSONA_MODEL_NAME,
+    build_tiny_model,
+    random_weights_notice,
+)
 
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+TINY_PERSONA = "tiny-persona"
 ECHO = "echo"
+PERSONAPLEX_MODEL_TYPE = "personaplex"
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,7 @@ class ModelSource:
 
     @property
     def is_tiny(self) -> bool:
-        return self.model == TINY
+        return self.model in (TINY, TINY_PERSONA)
 
     @property
     def is_directory(self) -> bool:
@@ -127,6 +137,7 @@ def load_checkpoint(
     info: loaders.CheckpointInfo, name: str, device: torch.device, dtype: torch.dtype
 ) -> LoadedModel:
     """Load Mimi, the LM and the tokenizer from a CheckpointInfo; the one path for every checkpoint."""
+    complete_personaplex_config(info)
     check_config_keys(info.lm_config)
     mimi = info.get_mimi(device=device)
     lm = info.get_moshi(device=device, dtype=dtype)
@@ -141,14 +152,29 @@ def load_checkpoint(
     )
 
 
+def complete_personaplex_config(info: loaders.CheckpointInfo) -> None:
+    """PersonaPlex's config.json may name only its type; its architecture is moshi's 7B with dep_q=16.
+
+    Its own loader ignores config.json and sets dep_q=16 on moshi's built-in 7B config, so a config
+    of model_type `personaplex` without the architecture (no `dim`) gets exactly that."""
+    if info.model_type != PERSONAPLEX_MODEL_TYPE or (info.lm_config and "dim" in info.lm_config):
+        return
+    ignored = sorted(set(info.lm_config or {}))
+    log.info("PersonaPlex checkpoint without an architecture in config.json: moshi's 7B with dep_q=16%s",
+             f" (ignoring {', '.join(ignored)})" if ignored else "")
+    info.lm_config = {**loaders._lm_kwargs, "dep_q": 16}
+    info.model_type = "moshi"  # conditioning and sampling as Moshi's
+
+
 def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """Load any non-echo source."""
     if source.is_echo:
         raise ValueError("the echo engine has no model to load")
     if source.is_tiny:
-        tiny = build_tiny_model(source.tiny_seed, device=device)
+        persona = source.model == TINY_PERSONA
+        tiny = build_tiny_model(source.tiny_seed, device=device, persona=persona)
         return LoadedModel(
-            name=TINY_MODEL_NAME,
+            name=TINY_PERSONA_MODEL_NAME if persona else TINY_MODEL_NAME,
             mimi=tiny.mimi,
             lm=tiny.lm.to(dtype=dtype),
             text_tokenizer=tiny.text_tokenizer(),

@@ -10,8 +10,11 @@ for the life of the process (`streaming_forever`). Per step:
 3. The caller's codebooks are checked against the audio card, then LMGen
    steps the slots that have a frame past their first.
 4. The output is routed by `server.tokens`: channel 0 is text, channels
-   1..dep_q are the model's audio; rows not generated yet are skipped.
+   1..model_codebooks are the model's audio; rows not generated yet are skipped.
 5. The same Mimi decodes the audio codebooks of the rows that have them.
+
+`PersonaStepper` (server.persona_step) keeps this step and swaps the
+generator for PersonaPlex-style checkpoints and their prompts.
 
 Everything here runs on the engine's inference thread.
 """
@@ -29,9 +32,9 @@ from moshi.modules.streaming import StreamingModule
 from moshi.run_inference import get_condition_tensors
 
 from . import sampling
-from .model_check import check_layout, read_layout
+from .model_check import ModelMismatch, check_layout, read_layout
 from .model_source import LoadedModel
-from .stepper import ModelInfo, SlotOutput
+from .stepper import ModelInfo, NoPrompts, SlotOutput
 from .tokens import TextPieces, check_codes, route_step
 
 log = logging.getLogger(__name__)
@@ -63,8 +66,10 @@ def _outermost_streaming(module: torch.nn.Module) -> list[StreamingModule]:
     return [found for child in module.children() for found in _outermost_streaming(child)]
 
 
-class MoshiStepper:
+class MoshiStepper(NoPrompts):
     """B call slots on one Mimi and one LMGen. Build and use it on the inference thread only."""
+
+    runs_persona_layout = False
 
     def __init__(
         self,
@@ -77,6 +82,11 @@ class MoshiStepper:
         self.layout = read_layout(model.mimi, model.lm, model.text_tokenizer)
         log.info("model %s: %s", model.name, self.layout.describe())
         check_layout(self.layout, sample_rate=sample_rate, frame_size=frame_size)
+        if self.layout.takes_persona and not self.runs_persona_layout:
+            raise ModelMismatch(
+                f"n_q == dep_q == {self.layout.dep_q}: the depth transformer predicts the caller's codebooks "
+                "(a PersonaPlex layout), so stock LMGen would silently ignore the caller; run it with PersonaStepper"
+            )
         if model.is_test_model:
             log.warning("%s", model.notice)
 
@@ -88,23 +98,18 @@ class MoshiStepper:
         self.info = ModelInfo(
             name=model.name,
             is_test_model=model.is_test_model,
-            kind="moshi",
+            kind=self.layout.kind,
             notice=model.notice,
             layout=self.layout.describe(),
         )
         lm = model.lm
         gen_kwargs = sampling_config.lm_gen_kwargs(model.lm_gen_config)
-        self.lm_gen = LMGen(
-            lm,
-            support_out_of_sync=True,  # without it, resetting one slot silences every slot for a step
-            condition_tensors=get_condition_tensors(model.model_type, lm, batch_size=batch_size, cfg_coef=1.0),
-            **gen_kwargs,
-        )
+        self.generator = self._make_generator(model, gen_kwargs)
         self.noise: sampling.SlotNoise | None = None
-        if self.lm_gen.use_sampling:
+        if self.generator.use_sampling:
             sampling.install()
             widths = sampling.sampling_site_widths(
-                lm.text_card, lm.card, lm.dep_q, self.lm_gen.top_k_text, self.lm_gen.top_k
+                lm.text_card, lm.card, lm.dep_q, self.generator.top_k_text, self.generator.top_k
             )
             self.noise = sampling.SlotNoise(batch_size, widths, self.device)
         self.text = TextPieces(
@@ -120,7 +125,17 @@ class MoshiStepper:
         # Streaming at batch B for the stepper's life; close() hands the model back.
         self._streaming = contextlib.ExitStack()
         self._streaming.enter_context(self.mimi.streaming(batch_size))
-        self._streaming.enter_context(self.lm_gen.streaming(batch_size))
+        self._streaming.enter_context(self.generator.streaming(batch_size))
+
+    def _make_generator(self, model: LoadedModel, gen_kwargs: dict) -> LMGen:
+        return LMGen(
+            model.lm,
+            support_out_of_sync=True,  # without it, resetting one slot silences every slot for a step
+            condition_tensors=get_condition_tensors(
+                model.model_type, model.lm, batch_size=self.batch_size, cfg_coef=1.0
+            ),
+            **gen_kwargs,
+        )
 
     def close(self) -> None:
         """Leave streaming mode, so the same model objects can be used again (benchmarks, tests)."""
@@ -136,7 +151,7 @@ class MoshiStepper:
         rows[slots] = True
         mask = self._mask(rows)
         self.mimi.reset_streaming(mask)
-        self.lm_gen.reset_streaming(mask)
+        self.generator.reset_streaming(mask)
         self._frames_seen[rows] = 0
         if self.noise is not None:
             for slot, seed in zip(slots, seeds, strict=True):
@@ -152,14 +167,19 @@ class MoshiStepper:
         self.mimi.set_exec_mask(self._mask(rows))
         return self.mimi.encode(audio)
 
-    def _generate(self, user_codes: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
-        self.lm_gen.set_exec_mask(self._mask(rows))
-        noise = self.noise.step(rows) if self.noise is not None else contextlib.nullcontext()
-        with noise:
-            tokens = self.lm_gen.step(user_codes)
+    def _sampling_noise(self, rows: np.ndarray) -> contextlib.AbstractContextManager:
+        return self.noise.step(rows) if self.noise is not None else contextlib.nullcontext()
+
+    def _generate(
+        self, user_codes: torch.Tensor, rows: np.ndarray, outputs: list[SlotOutput]
+    ) -> torch.Tensor:
+        """One LM step for `rows` (and any prompting slots); returns `[B, 1 + model_codebooks]` tokens."""
+        self.generator.set_exec_mask(self._mask(rows))
+        with self._sampling_noise(rows):
+            tokens = self.generator.step(user_codes)
         if tokens is None:
             raise RuntimeError("LMGen returned no tokens although it supports out-of-sync slots")
-        return tokens
+        return tokens[:, :, 0]
 
     def _decode(self, audio_codes: torch.Tensor, rows: np.ndarray) -> np.ndarray:
         self.mimi.set_exec_mask(self._mask(rows))
@@ -170,44 +190,40 @@ class MoshiStepper:
     def step(self, frames: np.ndarray, rows: np.ndarray) -> list[SlotOutput]:
         rows = np.asarray(rows, dtype=bool).copy()
         outputs = [SlotOutput() for _ in range(self.batch_size)]
-        codes = self._encode(frames, rows)
-
-        first = rows & (self._frames_seen == 0)
-        self._frames_seen[rows] += 1
-        if first.any():
-            self._reset_encoder(first)
-        lm_rows = rows & ~first
-        if not lm_rows.any():
+        lm_rows = np.zeros_like(rows)
+        user_codes = torch.zeros(self.batch_size, self.layout.user_codebooks, 1, dtype=torch.long, device=self.device)
+        if rows.any():
+            codes = self._encode(frames, rows)
+            first = rows & (self._frames_seen == 0)
+            self._frames_seen[rows] += 1
+            if first.any():
+                self._reset_encoder(first)
+            lm_rows = rows & ~first
+            user_codes = codes[:, : self.layout.user_codebooks]
+            # Checked on the host before the LM embeds them: on CUDA an out-of-range id is a device-side
+            # assert that kills the process, so this one small copy per step is worth its sync.
+            for slot, error in check_codes(
+                user_codes[:, :, 0].cpu().numpy(), lm_rows, self.layout.card, "Mimi encoder output"
+            ).items():
+                outputs[slot].error = error
+                lm_rows[slot] = False
+            # Rows that do not execute get a valid filler id.
+            user_codes = torch.where(self._mask(lm_rows)[:, None, None], user_codes, torch.zeros_like(user_codes))
+        if not (lm_rows.any() or self.prompting_rows().any()):
             return outputs
 
-        user_codes = codes[:, : self.layout.user_codebooks]
-        # Checked on the host before the LM embeds them: on CUDA an out-of-range id is a device-side
-        # assert that kills the process, so this one small copy per step is worth its sync.
-        for slot, error in check_codes(
-            user_codes[:, :, 0].cpu().numpy(), lm_rows, self.layout.card, "Mimi encoder output"
-        ).items():
-            outputs[slot].error = error
-            lm_rows[slot] = False
-        if not lm_rows.any():
-            return outputs
-        # Rows that do not execute get a valid filler id: LMGen feeds them initial tokens anyway.
-        user_codes = torch.where(self._mask(lm_rows)[:, None, None], user_codes, torch.zeros_like(user_codes))
-
-        tokens = self._generate(user_codes, lm_rows)
+        tokens = self._generate(user_codes, lm_rows, outputs)
+        own = self.layout.model_codebooks
         routed = route_step(
-            tokens[:, :, 0].cpu().numpy(),
-            lm_rows,
-            text_card=self.layout.text_card,
-            card=self.layout.card,
-            dep_q=self.layout.dep_q,
+            tokens.cpu().numpy(), lm_rows, text_card=self.layout.text_card, card=self.layout.card, dep_q=own
         )
         decode_rows = np.array([row.decode_audio for row in routed], dtype=bool)
         for slot in np.flatnonzero(lm_rows):
             outputs[slot].error = routed[slot].error
             outputs[slot].text = self.text.piece(routed[slot].text_id)
         if decode_rows.any():
-            audio_codes = tokens[:, 1 : 1 + self.layout.dep_q]  # channel 0 is text: never decoded
-            audio_codes = torch.where(
+            audio_codes = tokens[:, 1 : 1 + own, None]  # channel 0 is text, and the caller's codebooks
+            audio_codes = torch.where(  # (PersonaPlex) come after the model's: neither is ever decoded
                 self._mask(decode_rows)[:, None, None], audio_codes, torch.zeros_like(audio_codes)
             )
             pcm = self._decode(audio_codes, decode_rows)

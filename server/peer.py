@@ -14,8 +14,10 @@ connection fails or closes, the track ends or stays silent past the media
 timeout, the engine fails the call, or the server hangs up (DELETE). Ending
 frees the engine slot, stops the tracks and closes the peer connection.
 
-Messages on `events` (JSON): `ready` (model, test_model, notice), `text`
-(text), `drops` (input_frames, output_ms), `error` (reason), `bye` (reason).
+Messages on `events` (JSON): `ready` (model, test_model, notice, prompting,
+persona), `prompt` (state "done", seconds: the persona prompt has been
+replayed and the model listens), `text` (text), `drops` (input_frames,
+output_ms), `error` (reason), `bye` (reason).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ class PeerStats:
 
     call: CallStats
     connected_at: float | None = None
+    answered_at: float | None = None
+    first_model_audio_at: float | None = None  # the first frame of the model's own audio, after any prompt
 
     @property
     def mean_input_rms(self) -> float:
@@ -91,6 +95,7 @@ class CallSession:
         self._drops_reported = (0, 0)
         self._drops_reported_at = 0.0
         self._ending = False
+        self._prompt_watch = asyncio.ensure_future(self._announce_prompt()) if call.prompt is not None else None
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
@@ -102,6 +107,7 @@ class CallSession:
         await self.pc.setRemoteDescription(offer)
         self.pc.addTrack(self.outbound)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
+        self.stats.answered_at = time.monotonic()
         if self.relay_only and " typ relay" not in self.pc.localDescription.sdp:
             raise RelayUnavailable(
                 "the server got no TURN relay candidate: the TURN server is unreachable or refused "
@@ -120,8 +126,18 @@ class CallSession:
             return
         self.events = channel
         info = self.engine.info
+        prompt = self.call.prompt
         self.send_event({"type": "ready", "model": info.name, "test_model": info.is_test_model,
-                         "notice": info.notice, "session_id": self.session_id})
+                         "notice": info.notice, "session_id": self.session_id, "prompting": self.call.prompting,
+                         "persona": prompt.description if prompt is not None else None})
+
+    async def _announce_prompt(self) -> None:
+        """Tell the caller when the model has heard its persona prompt and starts listening."""
+        try:
+            seconds = await self.call.prompt_done
+        except Exception:  # noqa: BLE001 - the failure reaches the caller through the frames' results
+            return
+        self.send_event({"type": "prompt", "state": "done", "seconds": round(seconds, 3)})
 
     async def _on_connection_state(self) -> None:
         state = self.pc.connectionState
@@ -170,6 +186,8 @@ class CallSession:
                     self._report_drops()
                     continue
                 self.outbound.push(result.audio)
+                if not result.silent and self.stats.first_model_audio_at is None:
+                    self.stats.first_model_audio_at = time.monotonic()
                 if result.text is not None:
                     self.send_event({"type": "text", "text": result.text})
                 self._report_drops()
@@ -210,7 +228,8 @@ class CallSession:
         self.end_reason = reason
         log.info("session %s: ending (%s)", self.session_id, reason)
         self.send_event({"type": "bye", "reason": reason})
-        tasks = {t for t in (self._reader, self._player) if t is not None and t is not asyncio.current_task()}
+        tasks = {t for t in (self._reader, self._player, self._prompt_watch)
+                 if t is not None and t is not asyncio.current_task()}
         for task in tasks:
             task.cancel()
         if tasks:
@@ -240,4 +259,11 @@ class CallSession:
             "outbound_frames_sent": self.outbound.frames_sent,
             "frames_dropped": call.frames_dropped,
             "outbound_samples_dropped": self.outbound.samples_dropped,
+            "persona": self.call.prompt.description if self.call.prompt is not None else None,
+            "prompting": self.call.prompting,
+            "frames_during_prompt": call.frames_during_prompt,
+            "answer_to_first_model_audio_s": (
+                round(self.stats.first_model_audio_at - self.stats.answered_at, 3)
+                if self.stats.first_model_audio_at and self.stats.answered_at else None
+            ),
         }

@@ -9,7 +9,7 @@ that are not in `rows` must be left exactly as they were.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,11 +27,13 @@ class ModelInfo:
 
 @dataclass
 class SlotOutput:
-    """One slot's result for one step. `audio` is None when the model has no audio yet (silence)."""
+    """One slot's result for one step. `audio` is None when the model has no audio yet (silence).
+    `prompt_finished`: this step replayed the last frame of the slot's persona prompt."""
 
     audio: np.ndarray | None = None
     text: str | None = None
     error: Exception | None = None
+    prompt_finished: bool = False
 
 
 class Stepper(Protocol):
@@ -47,3 +49,30 @@ class Stepper(Protocol):
         ...
 
     def warm_up(self) -> None: ...
+
+    # Persona prompts (see server.persona): models that take none inherit NoPrompts.
+    prompt_book: Any
+
+    def start_prompt(self, slot: int, plan: Any) -> None: ...
+
+    def end_prompt(self, slot: int) -> None: ...
+
+    def prompting_rows(self) -> np.ndarray:
+        """[B] bool: slots replaying a prompt. Their frames are not stepped; `step` advances them itself."""
+        ...
+
+
+class NoPrompts:
+    """For steppers whose model takes no persona: nothing to replay, ever."""
+
+    batch_size: int
+    prompt_book = None
+
+    def start_prompt(self, slot: int, plan: Any) -> None:
+        raise ValueError("this model takes no persona prompt")
+
+    def end_prompt(self, slot: int) -> None:
+        pass
+
+    def prompting_rows(self) -> np.ndarray:
+        return np.zeros(self.batch_size, dtype=bool)

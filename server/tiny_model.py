@@ -41,6 +41,7 @@ from moshi.models.lm import LMModel
 from safetensors.torch import save_file
 
 TINY_MODEL_NAME = "moshi-webrtc-tiny"
+TINY_PERSONA_MODEL_NAME = "moshi-webrtc-tiny-persona"
 TINY_DEFAULT_SEED = 20241122
 
 
@@ -91,14 +92,18 @@ TINY_MIMI_CONFIG: dict = {
 }
 
 
-def tiny_lm_config(text_card: int) -> dict:
-    """LMModel kwargs for the tiny model: moshiko's layout (text + model + user streams), scaled down."""
-    dep_q = 4
+def tiny_lm_config(text_card: int, persona: bool = False) -> dict:
+    """LMModel kwargs for the tiny model: moshiko's layout (text + model + user streams), scaled down.
+
+    `persona`: PersonaPlex's layout instead, where the depth transformer predicts the caller's
+    codebooks too (n_q == dep_q) and its context covers half the depth steps, as in the 7B."""
+    own = 4
+    dep_q = 2 * own if persona else own
     return {
         "dim": 64,
         "text_card": text_card,
         "existing_text_padding_id": 3,
-        "n_q": 2 * dep_q,
+        "n_q": 2 * own,
         "dep_q": dep_q,
         "card": TINY_MIMI_CONFIG["quantizer"]["bins"],
         "num_heads": 4,
@@ -117,13 +122,13 @@ def tiny_lm_config(text_card: int) -> dict:
         "depformer_num_layers": 1,
         "depformer_layer_scale": None,
         "depformer_multi_linear": True,
-        "depformer_context": dep_q,
+        "depformer_context": own,
         "depformer_max_period": 10000,
         "depformer_gating": "silu",
         "depformer_pos_emb": "none",
         "depformer_weights_per_step": True,
         # text, then the model's audio codebooks, then the user's, as in moshiko.
-        "delays": [0] + [0] + [1] * (dep_q - 1) + [0] + [1] * (dep_q - 1),
+        "delays": [0] + [0] + [1] * (own - 1) + [0] + [1] * (own - 1),
     }
 
 
@@ -227,9 +232,12 @@ class TinyModel:
         return sentencepiece.SentencePieceProcessor(model_proto=self.tokenizer_proto)
 
 
-def build_tiny_model(seed: int = TINY_DEFAULT_SEED, device: str | torch.device = "cpu") -> TinyModel:
-    """The tiny model in memory, a fresh copy each time. The same seed always gives the same weights."""
-    template = _tiny_template(seed)
+def build_tiny_model(
+    seed: int = TINY_DEFAULT_SEED, device: str | torch.device = "cpu", persona: bool = False
+) -> TinyModel:
+    """The tiny model in memory, a fresh copy each time. The same seed always gives the same weights.
+    `persona`: the PersonaPlex layout (see `tiny_lm_config`), same Mimi and tokenizer."""
+    template = _tiny_template(seed, persona)
     return TinyModel(
         copy.deepcopy(template.mimi).to(device),
         copy.deepcopy(template.lm).to(device),
@@ -239,11 +247,11 @@ def build_tiny_model(seed: int = TINY_DEFAULT_SEED, device: str | torch.device =
 
 
 @functools.lru_cache(maxsize=4)
-def _tiny_template(seed: int) -> TinyModel:
+def _tiny_template(seed: int, persona: bool = False) -> TinyModel:
     """Building takes about a second (codebook fitting); tests build many engines, so keep one per seed."""
     tokenizer_proto = build_tiny_tokenizer()
     text_card = sentencepiece.SentencePieceProcessor(model_proto=tokenizer_proto).vocab_size()
-    lm_config = tiny_lm_config(text_card)
+    lm_config = tiny_lm_config(text_card, persona)
     num_codebooks = max(lm_config["dep_q"], lm_config["n_q"] - lm_config["dep_q"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -263,14 +271,15 @@ TINY_FILES = {
 }
 
 
-def write_tiny_checkpoint(directory: str | Path, seed: int = TINY_DEFAULT_SEED) -> Path:
+def write_tiny_checkpoint(directory: str | Path, seed: int = TINY_DEFAULT_SEED, persona: bool = False) -> Path:
     """Write the tiny model as a checkpoint directory that the real loader reads like moshiko's."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_model(seed)
+    model = build_tiny_model(seed, persona=persona)
     config = dict(model.lm_config)
     config.update(TINY_FILES)
-    config["model_id"] = {"name": TINY_MODEL_NAME, "seed": seed, "test_model": True}
+    name = TINY_PERSONA_MODEL_NAME if persona else TINY_MODEL_NAME
+    config["model_id"] = {"name": name, "seed": seed, "test_model": True}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / TINY_FILES["mimi_config_name"]).write_text(json.dumps(TINY_MIMI_CONFIG, indent=2))
     (directory / TINY_FILES["tokenizer_name"]).write_bytes(model.tokenizer_proto)

@@ -1,16 +1,20 @@
 """The HTTP side: offer/answer, hang-up, health, status, and the web page.
 
-    POST   /offer             {"sdp", "type": "offer"} -> 200 {"sdp", "type": "answer", "session_id"}
+    POST   /offer             {"sdp", "type": "offer", "persona"?} -> 200 {"sdp", "type": "answer", "session_id"}
     DELETE /sessions/{id}     hang a call up                       -> 200 {"session_id", "ended": true}
     GET    /sessions/{id}     a call's live figures                -> 200 JSON
     GET    /healthz           200 once the engine is warm, else 503
     GET    /status            model, test-model flag, free call slots
     GET    /ice-servers       the STUN/TURN servers clients should use: {"iceServers": [...]}
+    GET    /personas          whether the model takes a persona, its voices, default and limits
     GET    /                  the web page (web/index.html; assets under /web/)
     /whip ...                 WHIP (RFC 9725), see signaling/whip.py
 
 Errors are JSON `{"error": "..."}` with a 4xx that says what the client got
-wrong, or 503 with `Retry-After` when every call slot is taken.
+wrong, or 503 with `Retry-After` when every call slot is taken. A persona
+(`{"prompt": str, "voice": str}`, PersonaPlex-style models only) that is too
+long, names a voice the server lacks, or is sent to a model that takes none
+gets a 400 that says which.
 The owner of the app starts and stops the engine; the app only uses it.
 """
 
@@ -30,6 +34,7 @@ from aiortc import RTCSessionDescription
 from server.engine import Engine, EngineFull, EngineNotReady
 from server.ice import IceConfig
 from server.peer import CallSession, RelayUnavailable
+from server.persona import Persona, PersonaError
 
 from .errors import SessionRefused, json_error
 from .offer_check import MAX_BODY_BYTES, OfferRejected, parse_offer_json
@@ -69,6 +74,7 @@ class SignalingService:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/status", self.status)
         app.router.add_get("/ice-servers", self.ice_servers)
+        app.router.add_get("/personas", self.personas)
         app.router.add_get("/", self.index)
         app.router.add_static("/web/", self.config.web_dir)
         WhipEndpoint(self, self.config.whip_token).add_routes(app)
@@ -88,16 +94,25 @@ class SignalingService:
             log.info("offer rejected (%d): %s", rejected.status, rejected.message)
             return json_error(rejected.status, rejected.message)
         try:
-            session, answer = await self.start_session(offer)
+            session, answer = await self.start_session(offer.description, offer.persona)
         except SessionRefused as refused:
             return json_error(refused.status, refused.message, refused.headers)
         return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.session_id})
 
-    async def start_session(self, offer: RTCSessionDescription) -> tuple[CallSession, RTCSessionDescription]:
-        """Take a slot, make the peer, answer. Raises SessionRefused, leaving no peer and no slot behind."""
+    async def start_session(
+        self, offer: RTCSessionDescription, persona: Persona | None = None
+    ) -> tuple[CallSession, RTCSessionDescription]:
+        """Check the persona, take a slot, make the peer, answer. Raises SessionRefused, leaving no peer
+        and no slot behind. A model that takes a persona gets the caller's, or its default one."""
         retry = {"Retry-After": str(self.config.retry_after_s)}
         try:
-            call = await self.engine.open_call()
+            plan = None
+            if persona is not None or self.engine.prompt_book is not None:
+                plan = self.engine.plan_persona(persona)
+            call = await self.engine.open_call(prompt=plan)
+        except PersonaError as exc:
+            log.info("persona refused: %s", exc)
+            raise SessionRefused(400, str(exc)) from None
         except EngineFull as exc:
             raise SessionRefused(503, f"the line is busy: {exc}; try again shortly", retry) from None
         except EngineNotReady as exc:
@@ -177,6 +192,16 @@ class SignalingService:
              "iceTransportPolicy": "relay" if ice.relay_only else "all"},
             headers={"Cache-Control": "no-store"},
         )
+
+    async def personas(self, request: web.Request) -> web.Response:
+        if not self.engine.ready:
+            return web.json_response({"ready": False}, status=503, headers={"Retry-After": "2"})
+        book = self.engine.prompt_book
+        if book is None:
+            info = self.engine.info
+            return web.json_response({"takes_persona": False, "model": info.name,
+                                      "reason": f"{info.name} ({info.kind}) takes no text or voice prompt"})
+        return web.json_response({"takes_persona": True, "model": self.engine.info.name, **book.describe()})
 
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(self.config.web_dir / "index.html")

@@ -8,9 +8,12 @@ half-made peer is left behind.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from aiortc import RTCSessionDescription
 from aiortc.sdp import SessionDescription
+
+from server.persona import Persona, PersonaError
 
 MAX_BODY_BYTES = 64 * 1024  # a browser's offer is a few kB; anything this large is not an offer
 
@@ -22,8 +25,15 @@ class OfferRejected(Exception):
         self.message = message
 
 
-def parse_offer_json(body: bytes, content_type: str) -> RTCSessionDescription:
-    """The `POST /offer` body: JSON `{"sdp": ..., "type": "offer"}` with a usable SDP."""
+@dataclass(frozen=True)
+class Offer:
+    description: RTCSessionDescription
+    persona: Persona | None = None
+
+
+def parse_offer_json(body: bytes, content_type: str) -> Offer:
+    """The `POST /offer` body: JSON `{"sdp": ..., "type": "offer", "persona": {...}}` with a usable SDP.
+    `persona` is optional: {"prompt": str, "voice": str} for a model that takes one."""
     if content_type != "application/json":
         raise OfferRejected(415, f"the body must be application/json, got {content_type or 'no content type'}")
     try:
@@ -38,7 +48,11 @@ def parse_offer_json(body: bytes, content_type: str) -> RTCSessionDescription:
     if not isinstance(sdp, str) or not sdp.strip():
         raise OfferRejected(400, '"sdp" must be a non-empty string')
     check_offer_sdp(sdp)
-    return RTCSessionDescription(sdp=sdp, type="offer")
+    try:
+        persona = Persona.from_json(payload.get("persona"))
+    except PersonaError as exc:
+        raise OfferRejected(400, str(exc)) from None
+    return Offer(RTCSessionDescription(sdp=sdp, type="offer"), persona)
 
 
 def check_offer_sdp(sdp: str) -> None:

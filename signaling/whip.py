@@ -7,6 +7,7 @@
                                 an ICE restart (new ufrag/pwd) -> 422, as this server does not restart ICE
     DELETE  /whip/{id}          ends the call -> 200
 
+A persona goes in the query: `POST /whip?prompt=...&voice=...` (PersonaPlex-style models).
 With `token` set, every request but OPTIONS needs `Authorization: Bearer <token>`.
 A client that offers a data channel labelled `events` gets the model's text on it,
 exactly as with `POST /offer`. Calls made here are the same sessions as /offer's.
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiortc import RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
+
+from server.persona import Persona
 
 from .errors import SessionRefused, json_error
 from .offer_check import MAX_BODY_BYTES, OfferRejected, check_offer_sdp
@@ -100,7 +103,9 @@ class WhipEndpoint:
         except OfferRejected as rejected:
             return json_error(rejected.status, rejected.message)
         try:
-            session, answer = await self.service.start_session(RTCSessionDescription(sdp=sdp, type="offer"))
+            session, answer = await self.service.start_session(
+                RTCSessionDescription(sdp=sdp, type="offer"), Persona.from_query(dict(request.query))
+            )
         except SessionRefused as refused:
             return json_error(refused.status, refused.message, refused.headers)
         response = web.Response(

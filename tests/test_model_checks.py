@@ -58,10 +58,10 @@ def test_refuses_a_sample_rate_the_media_path_does_not_deliver():
         MoshiStepper(_tiny_loaded(), batch_size=1, sample_rate=16000)
 
 
-def test_refuses_an_lm_that_reads_no_user_audio():
+def test_stock_generation_refuses_a_personaplex_layout():
     model = _tiny_loaded()
     model.lm.dep_q = model.lm.n_q  # PersonaPlex's dep_q=16 layout: stock LMGen would ignore the caller
-    with pytest.raises(ModelMismatch, match=r"reads 0 codebooks of the caller's audio"):
+    with pytest.raises(ModelMismatch, match=r"stock LMGen would silently ignore the caller; run it with PersonaStepper"):
         MoshiStepper(model, batch_size=1)
 
 

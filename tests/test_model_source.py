@@ -61,7 +61,7 @@ def test_sampling_settings_reach_lmgen_over_checkpoint_defaults():
     model = load_model(ModelSource("tiny"), torch.device("cpu"), torch.float32)
     model.lm_gen_config = {"temp": 0.6, "top_k": 100, "temp_text": 0.5}
     stepper = MoshiStepper(model, 1, SamplingConfig(temp=0.9, top_k_text=5))
-    gen = stepper.lm_gen
+    gen = stepper.generator
     assert (gen.temp, gen.top_k, gen.temp_text, gen.top_k_text) == (0.9, 100, 0.5, 5)
     assert gen.use_sampling
     stepper.close()
