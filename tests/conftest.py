@@ -30,9 +30,13 @@ def tone_frames(hz: float, count: int, dbfs: float = -20.0) -> list[np.ndarray]:
     return list((amplitude * np.sin(2 * np.pi * hz * t)).astype(np.float32).reshape(count, FRAME))
 
 
-async def run_call(engine: Engine, frames: list[np.ndarray], seed: int | None = 1234) -> list[FrameResult]:
-    call = await engine.open_call(seed=seed)
+async def run_call(
+    engine: Engine, frames: list[np.ndarray], seed: int | None = 1234, prompt=None
+) -> list[FrameResult]:
+    """One call, frame by frame; with a persona `prompt`, the frames start once the model has heard it."""
+    call = await engine.open_call(seed=seed, prompt=prompt)
     try:
+        await call.prompt_done
         return [await call.process(frame) for frame in frames]
     finally:
         await call.close()

@@ -1,0 +1,214 @@
+"""PersonaPlex-style models: the caller reaches the model, prompts are replayed per slot, nothing leaks.
+
+The tiny persona model has PersonaPlex's layout (n_q == dep_q: the depth
+transformer predicts the model's codebooks, then the caller's). Stock LMGen
+would read zero codebooks of the caller and sample all depth steps, so these
+tests fail for any step that drops the caller or decodes the caller's half.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from conftest import audio_of, noise_frames, run_call, texts_of
+from moshi.models.compression import MimiModel
+
+from server.engine_setup import create_engine
+from server.model_source import ModelSource
+from server.moshi_step import GREEDY
+from server.persona import Persona, PersonaError, PersonaLimits
+from server.persona_gen import PersonaGen
+from server.persona_step import PersonaStepper, VoiceOptions, synthetic_voices
+
+
+@pytest.fixture
+async def persona_engine():
+    engine = create_engine(ModelSource("tiny-persona"), max_calls=3, sampling=GREEDY, cpu_threads=1)
+    await engine.start()
+    yield engine
+    await engine.stop()
+
+
+@pytest.fixture
+def traffic(monkeypatch):
+    """What PersonaGen returns, what Mimi encodes to and what it is asked to decode, step by step."""
+    seen: dict[str, list[torch.Tensor]] = {"gen_out": [], "encoded": [], "decoded": []}
+    step, encode, decode = PersonaGen.step, MimiModel.encode, MimiModel.decode
+
+    def spy_step(self, given, embedding=None, embedding_rows=None):
+        out = step(self, given, embedding, embedding_rows)
+        seen["gen_out"].append(out.clone())
+        return out
+
+    def spy_encode(self, x):
+        codes = encode(self, x)
+        seen["encoded"].append(codes.clone())
+        return codes
+
+    def spy_decode(self, codes):
+        seen["decoded"].append(codes.clone())
+        return decode(self, codes)
+
+    monkeypatch.setattr(PersonaGen, "step", spy_step)
+    monkeypatch.setattr(MimiModel, "encode", spy_encode)
+    monkeypatch.setattr(MimiModel, "decode", spy_decode)
+    return seen
+
+
+async def test_inspection_names_the_kind_of_model(persona_engine, tiny_engine):
+    assert persona_engine.info.kind == "personaplex"
+    assert "kind=personaplex" in persona_engine.info.layout
+    assert "model_codebooks=4 user_codebooks=4" in persona_engine.info.layout
+    assert isinstance(persona_engine.stepper, PersonaStepper)
+    assert tiny_engine.info.kind == "moshi" and tiny_engine.prompt_book is None
+
+
+async def test_the_callers_audio_reaches_the_model(persona_engine):
+    """Same seed, same (empty) prompt: only the input differs, and so does the answer."""
+    a = await run_call(persona_engine, noise_frames(1, 20), seed=7)
+    a_again = await run_call(persona_engine, noise_frames(1, 20), seed=7)
+    b = await run_call(persona_engine, noise_frames(2, 20), seed=7)
+    assert np.array_equal(audio_of(a), audio_of(a_again)) and texts_of(a) == texts_of(a_again)
+    assert np.abs(audio_of(a)).max() > 0.01
+    assert not np.allclose(audio_of(a), audio_of(b), atol=1e-3)
+
+
+async def test_the_caller_is_forced_into_the_depth_steps_and_only_the_models_codes_are_decoded(
+    persona_engine, traffic
+):
+    for seen in traffic.values():
+        seen.clear()
+    await run_call(persona_engine, noise_frames(3, 12), seed=1)
+    layout = persona_engine.stepper.layout
+    own = layout.model_codebooks
+    encoded, outs, decoded = traffic["encoded"], traffic["gen_out"], traffic["decoded"]
+    # One encode per frame; the first frame is dropped, so LM step s sees encoded frame s + 1.
+    assert len(encoded) == 12 and len(outs) == 11
+    for s, out in enumerate(outs):
+        frame = s - layout.max_delay  # the frame this step's output describes
+        if frame >= 1:
+            # The caller's half of the output is exactly what Mimi heard: provided, never sampled.
+            assert torch.equal(out[0, 1 + own :], encoded[frame + 1][0, :own, 0])
+    generated = [out for out in outs if (out[0] >= 0).all()]
+    assert len(decoded) == len(generated) > 0
+    for out, codes in zip(generated, decoded, strict=True):
+        assert codes.shape[1] == own  # the model's codebooks only: never text, never the caller's
+        assert torch.equal(codes[0, :, 0], out[0, 1 : 1 + own])
+
+
+async def test_a_prompt_is_forced_token_by_token_and_changes_what_follows(persona_engine, traffic):
+    plan = persona_engine.plan_persona(Persona(prompt="You are a pirate.", voice="test-low"))
+    layout = persona_engine.stepper.layout
+    own = layout.model_codebooks
+    for seen in traffic.values():
+        seen.clear()
+    prompted = await run_call(persona_engine, noise_frames(4, 16), seed=3, prompt=plan)
+    replay = traffic["gen_out"][: plan.steps]
+    for step, out in enumerate(replay):
+        frame = step - layout.max_delay
+        if frame >= 1:  # the forced tokens come back out where they were put: text, voice, tone
+            assert torch.equal(out[0].cpu(), torch.from_numpy(plan.given[frame]))
+    assert not traffic["decoded"][: plan.steps] or len(traffic["decoded"]) == len(traffic["gen_out"]) - plan.steps
+    plain = await run_call(persona_engine, noise_frames(4, 16), seed=3)
+    other = await run_call(persona_engine, noise_frames(4, 16), seed=3,
+                           prompt=persona_engine.plan_persona(Persona(prompt="You are a pirate.", voice="test-high")))
+    assert not np.allclose(audio_of(prompted), audio_of(plain), atol=1e-3)
+    assert not np.allclose(audio_of(prompted), audio_of(other), atol=1e-3)
+
+
+async def test_replaying_a_prompt_does_not_stall_or_touch_the_other_slots(persona_engine):
+    """A neighbour paced in real time keeps its pace and its exact output while a long prompt replays."""
+    frames = noise_frames(5, 40)
+    alone = await run_call(persona_engine, frames, seed=11)
+    long_plan = persona_engine.plan_persona(Persona(prompt="hello there how are you doing today " * 4))
+    assert long_plan.steps > 60
+
+    neighbour = await persona_engine.open_call(seed=11)
+    prompted = None
+    results, late = [], []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for i, frame in enumerate(frames):
+        if i == 5:
+            prompted = await persona_engine.open_call(prompt=long_plan)
+        await asyncio.sleep(max(0.0, start + 0.08 * i - loop.time()))  # a frame every 80 ms, as a caller
+        result = await neighbour.process(frame)
+        results.append(result)
+        late.append(result.latency_ms)
+        if prompted is not None and prompted.prompting:
+            prompted.submit(frames[i])  # its caller talks meanwhile and gets silence back
+    await neighbour.close()
+    seconds = await prompted.prompt_done
+    await prompted.close()
+
+    assert prompted.stats.frames_during_prompt > 0
+    assert persona_engine.stats.prompt_steps >= long_plan.steps
+    assert seconds < 0.08 * len(frames)  # replayed faster than real time, in steps of its own
+    assert neighbour.stats.frames_dropped == 0
+    assert max(late) < 80  # every frame answered within one frame's time
+    assert np.array_equal(audio_of(results), audio_of(alone))  # nothing of the prompt leaked across
+    assert texts_of(results) == texts_of(alone)
+
+
+async def test_a_slot_forgets_its_last_callers_prompt(persona_engine):
+    fresh = await run_call(persona_engine, noise_frames(6, 12), seed=5)
+    plan = persona_engine.plan_persona(Persona(prompt="You are a pirate.", voice="test-low"))
+    for slot_user in range(persona_engine.batch_size):  # leave a prompt, finished or half-replayed, in every slot
+        call = await persona_engine.open_call(prompt=plan)
+        if slot_user % 2:
+            await call.prompt_done
+        await call.close()
+    after = await run_call(persona_engine, noise_frames(6, 12), seed=5)
+    assert np.array_equal(audio_of(after), audio_of(fresh)) and texts_of(after) == texts_of(fresh)
+
+
+async def test_bad_personas_are_refused_with_what_is_wrong(persona_engine, tiny_engine):
+    book = persona_engine.prompt_book
+    with pytest.raises(PersonaError, match=r"unknown voice 'nobody'; this server's voices: test-high, test-low"):
+        persona_engine.plan_persona(Persona(voice="nobody"))
+    with pytest.raises(PersonaError, match=rf"characters long; this server takes at most {book.limits.max_prompt_chars}"):
+        persona_engine.plan_persona(Persona(prompt="x" * (book.limits.max_prompt_chars + 1)))
+    with pytest.raises(PersonaError, match=r"tokens long; this server takes at most"):
+        persona_engine.plan_persona(Persona(prompt="x y " * 200))
+    with pytest.raises(PersonaError, match=r"moshi-webrtc-tiny \(moshi\) takes no persona"):
+        tiny_engine.plan_persona(Persona(prompt="You are a pirate."))
+    with pytest.raises(PersonaError, match="persona.voice must be a string"):
+        Persona.from_json({"voice": 3})
+    with pytest.raises(PersonaError, match="unknown members: style"):
+        Persona.from_json({"style": "pirate"})
+    assert persona_engine.plan_persona(Persona(prompt="", voice="")).steps == 12  # just the two silences
+
+
+async def test_voice_clips_come_from_a_folder_and_limits_apply(tmp_path):
+    from server.caller import write_wav
+
+    clips = synthetic_voices()
+    write_wav(tmp_path / "alto.wav", clips["test-low"], 24000)
+    write_wav(tmp_path / "long.wav", np.tile(clips["test-low"], 3), 24000)
+    limits = PersonaLimits(max_voice_seconds=5.0)
+    engine = create_engine(ModelSource("tiny-persona"), max_calls=1, sampling=GREEDY,
+                           voices=VoiceOptions(folder=tmp_path, limits=limits))
+    with pytest.raises(ValueError, match=r"voice long is 6.0 s long; voice clips may be at most 5 s"):
+        await engine.start()
+    await engine.stop()
+    (tmp_path / "long.wav").unlink()
+    engine = create_engine(ModelSource("tiny-persona"), max_calls=1, sampling=GREEDY,
+                           voices=VoiceOptions(folder=tmp_path, limits=limits))
+    await engine.start()
+    try:
+        assert engine.prompt_book.describe()["voices"] == ["alto"]
+        assert engine.prompt_book.default_voice == "alto"
+        plan = engine.plan_persona(Persona(voice="alto.wav"))
+        assert plan.description.startswith("voice=alto")
+    finally:
+        await engine.stop()
+
+
+async def test_a_model_that_takes_no_persona_refuses_voices():
+    engine = create_engine(ModelSource("tiny"), max_calls=1, voices=VoiceOptions())
+    with pytest.raises(ValueError, match="takes no persona, so voices cannot be used"):
+        await engine.start()
+    await engine.stop()
