@@ -66,6 +66,7 @@ async def test_chromium_calls_the_server_from_the_page(tiny_server, tmp_path):
         banner = page.locator("#test-banner")
         await page.wait_for_selector("#call:not([disabled])")
         assert "babbles" in await banner.text_content() and await banner.is_visible()
+        assert not await page.is_visible("#persona")  # Moshi takes no persona: nothing to choose
 
         await page.click("#call")
         await page.wait_for_function("document.getElementById('transcript').textContent.trim().length > 15",
@@ -91,6 +92,46 @@ async def test_chromium_calls_the_server_from_the_page(tiny_server, tmp_path):
         assert "hung up" in await page.text_content("#message")
         await browser.close()
     assert (ARTIFACTS / "call-desktop.png").stat().st_size > 10_000
+
+
+async def test_the_page_calls_with_the_persona_typed_and_picked(tmp_path):
+    from conftest import start_server, stop_server
+    from playwright.async_api import async_playwright
+
+    from server.engine_setup import create_engine
+    from server.model_source import ModelSource
+    from server.moshi_step import GREEDY
+
+    voice_wav(tmp_path / "mic.wav")
+    engine = create_engine(ModelSource("tiny-persona"), max_calls=1, sampling=GREEDY, cpu_threads=1,
+                           max_backlog_frames=25)
+    server = await start_server(engine)
+    prompt = "You are a cheerful pirate who loves the sea."
+    async with async_playwright() as playwright:
+        browser = await launch_chromium(playwright, tmp_path / "mic.wav")
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        await page.goto(server.url)
+        await page.wait_for_selector("#call:not([disabled])")
+        assert await page.is_visible("#persona")
+        assert "teacher" in await page.input_value("#persona-prompt")  # the server's default, editable
+        assert await page.input_value("#persona-voice") == "test-high"
+        await page.fill("#persona-prompt", prompt)
+        await page.select_option("#persona-voice", "test-low")
+        await page.click("#call")
+        await page.wait_for_function("document.getElementById('message').textContent.includes('role read')",
+                                     timeout=20_000)
+        await page.wait_for_function("document.getElementById('transcript').textContent.trim().length > 5",
+                                     timeout=20_000)
+        session = next(iter(server.service.sessions.values()))
+        tokens = len(server.engine.prompt_book.prompt_tokens(prompt))
+        assert session.call.prompt.description.startswith(f"voice=test-low prompt_tokens={tokens} ")
+        assert await page.is_disabled("#persona-prompt")  # a persona is chosen before the call
+        await page.wait_for_function("(window.moshiCall.lastStats || {}).audioEnergy > 0.01", timeout=10_000)
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "persona-desktop.png"))
+        await page.click("#hangup")
+        await browser.close()
+    await stop_server(server)
 
 
 async def test_the_page_says_when_the_line_is_busy(tmp_path):

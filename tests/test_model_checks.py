@@ -61,7 +61,7 @@ def test_refuses_a_sample_rate_the_media_path_does_not_deliver():
 def test_stock_generation_refuses_a_personaplex_layout():
     model = _tiny_loaded()
     model.lm.dep_q = model.lm.n_q  # PersonaPlex's dep_q=16 layout: stock LMGen would ignore the caller
-    with pytest.raises(ModelMismatch, match=r"stock LMGen would silently ignore the caller; run it with PersonaStepper"):
+    with pytest.raises(ModelMismatch, match=r"stock LMGen would silently ignore the caller; run it with PersonaStep"):
         MoshiStepper(model, batch_size=1)
 
 

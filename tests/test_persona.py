@@ -102,7 +102,6 @@ async def test_the_caller_is_forced_into_the_depth_steps_and_only_the_models_cod
 async def test_a_prompt_is_forced_token_by_token_and_changes_what_follows(persona_engine, traffic):
     plan = persona_engine.plan_persona(Persona(prompt="You are a pirate.", voice="test-low"))
     layout = persona_engine.stepper.layout
-    own = layout.model_codebooks
     for seen in traffic.values():
         seen.clear()
     prompted = await run_call(persona_engine, noise_frames(4, 16), seed=3, prompt=plan)

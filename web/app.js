@@ -7,6 +7,7 @@ const ui = {
   call: $("call"), hangup: $("hangup"), message: $("message"), model: $("model"), banner: $("test-banner"),
   transcript: $("transcript"), audio: $("remote-audio"), meterIn: $("meter-in"), meterOut: $("meter-out"),
   state: $("stat-state"), rtt: $("stat-rtt"), jitter: $("stat-jitter"), loss: $("stat-loss"),
+  persona: $("persona"), prompt: $("persona-prompt"), voice: $("persona-voice"), promptCount: $("persona-count"),
 };
 
 let call = null;
@@ -27,6 +28,26 @@ function showModel(status) {
   }
 }
 
+// A PersonaPlex-style model takes a text prompt and a voice per call; others take none, and the
+// section stays hidden so the page never sends what the model would refuse.
+async function loadPersonas() {
+  const response = await fetch("/personas");
+  const personas = await response.json();
+  if (!personas.takes_persona) return;
+  ui.prompt.value = personas.default_prompt;
+  ui.prompt.maxLength = personas.max_prompt_chars;
+  const countChars = () => { ui.promptCount.textContent = `${ui.prompt.value.length}/${personas.max_prompt_chars}`; };
+  ui.prompt.addEventListener("input", countChars);
+  countChars();
+  ui.voice.replaceChildren(...personas.voices.map((name) => new Option(name, name, false, name === personas.default_voice)));
+  ui.persona.hidden = false;
+}
+
+function chosenPersona() {
+  if (ui.persona.hidden) return null;
+  return { prompt: ui.prompt.value, voice: ui.voice.value };
+}
+
 async function loadStatus() {
   try {
     const response = await fetch("/status");
@@ -37,6 +58,7 @@ async function loadStatus() {
       return;
     }
     showModel(status);
+    await loadPersonas();
     ui.call.disabled = false;
     say(status.free_slots > 0 ? "Ready. Press Call and start talking." : "The line is busy right now.");
   } catch (_) {
@@ -49,7 +71,10 @@ function onEvent(event) {
   switch (event.type) {
     case "ready":
       showModel({ model: event.model, test_model: event.test_model, notice: event.notice });
-      say("Connected. Talk to Moshi.");
+      say(event.prompting ? "Connected. The model is reading its role…" : "Connected. Talk to Moshi.");
+      break;
+    case "prompt":
+      say(`Ready (role read in ${event.seconds.toFixed(1)} s). Talk to Moshi.`);
       break;
     case "text":
       ui.transcript.textContent += event.text;
@@ -82,6 +107,7 @@ function endCall(text, isError = false) {
   call = null; // first, so the "ended" event this raises is ignored
   if (ending) ending.hangUp(text);
   ui.call.disabled = false;
+  ui.prompt.disabled = ui.voice.disabled = false;
   ui.hangup.disabled = true;
   ui.state.textContent = "idle";
   say(text, isError);
@@ -89,11 +115,12 @@ function endCall(text, isError = false) {
 
 async function startCall() {
   ui.call.disabled = true;
+  ui.prompt.disabled = ui.voice.disabled = true;
   ui.transcript.textContent = "";
   say("Asking for the microphone…");
   audioContext = audioContext || new AudioContext();
   await audioContext.resume();
-  const thisCall = new Call();
+  const thisCall = new Call({ persona: chosenPersona() });
   call = thisCall;
   window.moshiCall = thisCall; // for debugging and automated checks
   // Events of a call that has already ended (a late "bye") must not touch the page.

@@ -49,8 +49,9 @@ function gatheringComplete(pc, timeoutMs = 3000) {
 }
 
 export class Call extends EventTarget {
-  constructor({ iceTransportPolicy = null } = {}) {
+  constructor({ iceTransportPolicy = null, persona = null } = {}) {
     super();
+    this.persona = persona; // {prompt, voice} for a model that takes one, else null
     this.iceTransportPolicy = iceTransportPolicy; // null: what the server asks for
     this.pc = null;
     this.mic = null;
@@ -94,7 +95,11 @@ export class Call extends EventTarget {
     const response = await fetch("/offer", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ sdp: this.pc.localDescription.sdp, type: "offer" }),
+      body: JSON.stringify({
+        sdp: this.pc.localDescription.sdp,
+        type: "offer",
+        ...(this.persona ? { persona: this.persona } : {}),
+      }),
     });
     const body = await response.json().catch(() => ({}));
     if (!response.ok) {
