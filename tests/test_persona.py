@@ -168,8 +168,9 @@ async def test_bad_personas_are_refused_with_what_is_wrong(persona_engine, tiny_
     book = persona_engine.prompt_book
     with pytest.raises(PersonaError, match=r"unknown voice 'nobody'; this server's voices: test-high, test-low"):
         persona_engine.plan_persona(Persona(voice="nobody"))
-    with pytest.raises(PersonaError, match=rf"characters long; this server takes at most {book.limits.max_prompt_chars}"):
-        persona_engine.plan_persona(Persona(prompt="x" * (book.limits.max_prompt_chars + 1)))
+    most = book.limits.max_prompt_chars
+    with pytest.raises(PersonaError, match=rf"characters long; this server takes at most {most}"):
+        persona_engine.plan_persona(Persona(prompt="x" * (most + 1)))
     with pytest.raises(PersonaError, match=r"tokens long; this server takes at most"):
         persona_engine.plan_persona(Persona(prompt="x y " * 200))
     with pytest.raises(PersonaError, match=r"moshi-webrtc-tiny \(moshi\) takes no persona"):
