@@ -33,6 +33,19 @@ def _banner(lines: list[str]) -> str:
     return "\n".join([bar, *(f"* {line.ljust(width - 4)} *" for line in lines), bar])
 
 
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=AUTO,
+                        help="auto (moshiko on a GPU, else tiny), tiny, tiny-persona, echo, a Hugging Face repo id "
+                             "(e.g. nvidia/personaplex-7b-v1), or a directory")
+    parser.add_argument("--revision", help="Hugging Face revision (branch, tag or commit)")
+    parser.add_argument("--moshi-weight", help="local Moshi weights file (overrides the repo's)")
+    parser.add_argument("--mimi-weight", help="local Mimi weights file (overrides the repo's)")
+    parser.add_argument("--tokenizer", help="local sentencepiece tokenizer (overrides the repo's)")
+    parser.add_argument("--config-path", help="local config.json (overrides the repo's)")
+    parser.add_argument("--lora-weight", help="local LoRA weights file")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moshi-webrtc", description="Talk to Moshi over WebRTC.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,16 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the model to WebRTC callers")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--model", default=AUTO,
-                       help="auto (moshiko on a GPU, else tiny), tiny, tiny-persona, echo, a Hugging Face repo id "
-                            "(e.g. nvidia/personaplex-7b-v1), or a directory")
-    serve.add_argument("--revision", help="Hugging Face revision (branch, tag or commit)")
-    serve.add_argument("--moshi-weight", help="local Moshi weights file (overrides the repo's)")
-    serve.add_argument("--mimi-weight", help="local Mimi weights file (overrides the repo's)")
-    serve.add_argument("--tokenizer", help="local sentencepiece tokenizer (overrides the repo's)")
-    serve.add_argument("--config-path", help="local config.json (overrides the repo's)")
-    serve.add_argument("--lora-weight", help="local LoRA weights file")
-    serve.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    _add_model_options(serve)
     serve.add_argument("--max-calls", type=int, default=4, help="simultaneous calls (engine batch size)")
     serve.add_argument("--cpu-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                        help="torch threads when the model runs on the CPU (default: all cores but one, "
@@ -89,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="each token is one model step of replay before the call starts")
     persona.add_argument("--max-voice-seconds", type=float, default=PersonaLimits.max_voice_seconds)
     serve.add_argument("--log-level", default="INFO")
+
+    precompute = commands.add_parser(
+        "voice-prompt", help="turn a voice clip into a precomputed PersonaPlex .pt voice (skips encoding per call)")
+    precompute.add_argument("clip", help="the voice clip (wav, flac, mp3...), at most --max-voice-seconds")
+    precompute.add_argument("--out", required=True, help="where to write the .pt voice")
+    precompute.add_argument("--max-voice-seconds", type=float, default=PersonaLimits.max_voice_seconds)
+    precompute.add_argument("--log-level", default="WARNING")
+    _add_model_options(precompute)
 
     call = commands.add_parser("call", help="call a server with a WAV file and record the reply")
     call.add_argument("input", help="audio file to speak (WAV or anything PyAV reads)")
@@ -149,7 +161,7 @@ def _first_choice(args: argparse.Namespace) -> str:
 
     if torch.cuda.is_available():
         return DEFAULT_REPO
-    return "tiny-persona" if args.voices else "tiny"
+    return "tiny-persona" if getattr(args, "voices", None) or args.command == "voice-prompt" else "tiny"
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -235,9 +247,37 @@ async def call(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- voice-prompt -------------------------------------------------------------------------------
+
+
+def voice_prompt(args: argparse.Namespace) -> int:
+    """Replay the clip through the model once and save what replaying it takes: embeddings and cache."""
+    from pathlib import Path
+
+    from .engine_setup import build_stepper
+    from .model_source import ModelSource
+    from .persona import save_precomputed_voice
+    from .persona_step import VoiceOptions
+
+    clip = Path(args.clip)
+    source = ModelSource(model=_first_choice(args), revision=args.revision, moshi_weight=args.moshi_weight,
+                         mimi_weight=args.mimi_weight, tokenizer=args.tokenizer, config_path=args.config_path,
+                         lora_weight=args.lora_weight)
+    from .audio_in import read_audio_file
+
+    voices = VoiceOptions(synthetic={clip.stem: read_audio_file(str(clip))},
+                          limits=PersonaLimits(max_voice_seconds=args.max_voice_seconds))
+    stepper = build_stepper(source, 1, device=args.device, voices=voices)
+    save_precomputed_voice(stepper.record_voice(clip.stem), Path(args.out))
+    print(f"wrote {args.out}: {clip.stem} for {stepper.info.name}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "voice-prompt":
+        return voice_prompt(args)
     return asyncio.run(serve(args) if args.command == "serve" else call(args))
 
 

@@ -241,6 +241,11 @@ def load_precomputed_voice(path: Path) -> PrecomputedVoice:
     return PrecomputedVoice(embeddings=embeddings, cache=cache.long())
 
 
+def save_precomputed_voice(voice: PrecomputedVoice, path: Path) -> None:
+    """Write a voice in PersonaPlex's `.pt` layout: embeddings [steps, 1, 1, dim], cache [1, K, CT]."""
+    torch.save({"embeddings": voice.embeddings[:, None].contiguous(), "cache": voice.cache[None].contiguous()}, path)
+
+
 def normalise_loudness(audio: np.ndarray, target_db: float = -24.0) -> np.ndarray:
     """Bring a clip to `target_db` of gated RMS over 400 ms blocks (BS.1770's gating, without K-weighting).
 

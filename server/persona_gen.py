@@ -95,6 +95,8 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
         self.max_delay = max(lm.delays)
         # Two more than the largest delay: the backbone reads one frame behind the newest write.
         self.cache_length = self.max_delay + 3
+        # Set to record backbone input embeddings (eager steps only): how precomputed voices are made.
+        self.embedding_tap: Callable[[torch.Tensor], None] | None = None
 
     @property
     def num_channels(self) -> int:
@@ -131,6 +133,8 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
         for q in range(lm.n_q):
             embedded = embedded + lm.emb[q](tokens[:, q + 1])
         embedded = torch.where(override_rows[:, None, None], override.to(embedded), embedded)
+        if self.embedding_tap is not None:
+            self.embedding_tap(embedded)
         out = lm.transformer(embedded)
         if lm.out_norm:
             out = lm.out_norm(out)
@@ -221,7 +225,8 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
             embedding = torch.zeros(batch, 1, lm.dim, device=lm.device, dtype=lm.dtype)
             embedding_rows = torch.zeros(batch, dtype=torch.bool, device=lm.device)
         lm.set_exec_mask(running)
-        backbone_out, text_logits = state.graphed_backbone(tokens, embedding.to(lm.device), embedding_rows & running)
+        backbone = self._backbone if self.embedding_tap is not None else state.graphed_backbone
+        backbone_out, text_logits = backbone(tokens, embedding.to(lm.device), embedding_rows & running)
 
         targets = state.cache.gather(2, target)[:, :, 0]
         target_given = state.provided.gather(2, target)[:, :, 0]
@@ -240,6 +245,9 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
         frame = ((offsets[:, None] - self.max_delay + self.delays[None, :]) % length)[:, :, None]
         result = state.cache.gather(2, frame)[:, :, 0]
         return torch.where(ready[:, None], result, torch.full_like(result, UNGENERATED))
+
+    def slot_cache(self, slot: int) -> torch.Tensor:
+        return self._streaming_state.cache[slot].clone()
 
     def load_slot_cache(self, slot: int, cache: torch.Tensor) -> None:
         """Replace one slot's token cache, as a precomputed voice prompt does after its embeddings."""

@@ -31,6 +31,7 @@ from .persona import (
     PERSONAPLEX_SILENCE_CODES,
     PERSONAPLEX_SINE_CODES,
     PRECOMPUTED_EXTENSION,
+    Persona,
     PersonaLimits,
     PrecomputedVoice,
     PromptBook,
@@ -146,6 +147,28 @@ class PersonaStepper(MoshiStepper):
         if run.index == run.plan.steps:
             outputs[slot].prompt_finished = True
             self._runs[slot] = None
+
+    def record_voice(self, name: str, slot: int = 0) -> PrecomputedVoice:
+        """Replay a clip voice in `slot` and keep what PersonaPlex's `.pt` voices hold: the backbone's input
+        embedding at each step after the first, and the token cache at the end. For tools, not during calls."""
+        voice = self.prompt_book.voice(name)
+        if voice.codes is None:
+            raise ValueError(f"voice {name} is already precomputed")
+        plan = self.prompt_book.plan(Persona(prompt="", voice=name))
+        recorded: list[torch.Tensor] = []
+        self.generator.embedding_tap = lambda embedded: recorded.append(embedded[slot].detach().cpu().clone())
+        try:
+            self.reset_slots([slot], [0])
+            self.start_prompt(slot, PromptPlan(plan.given[: voice.steps]))
+            idle = np.zeros(self.batch_size, dtype=bool)
+            silence = np.zeros((self.batch_size, self.frame_size), dtype=np.float32)
+            while self.prompting_rows()[slot]:
+                self.step(silence, idle)
+        finally:
+            self.generator.embedding_tap = None
+        cache = self.generator.slot_cache(slot).cpu()
+        self.reset_slots([slot], [0])
+        return PrecomputedVoice(embeddings=torch.stack(recorded), cache=cache)
 
     def warm_up(self, steps: int | None = None) -> None:
         """Warm up the conversation path, then one prompt step in every slot (the prompt's own path)."""

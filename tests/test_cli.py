@@ -73,3 +73,50 @@ def test_serve_refuses_a_model_that_does_not_fit(tmp_path):
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, NO_TORCH_COMPILE="1"))
     assert done.returncode == 1
     assert "refusing to start" in done.stderr and "unheard_of_option" in done.stderr
+
+
+def test_a_precomputed_voice_made_by_the_cli_serves_a_persona_call(tmp_path):
+    """`voice-prompt` turns a clip into a PersonaPlex .pt voice; `serve --voices` offers it; `call --voice` uses it."""
+    from server.persona_step import synthetic_voices
+
+    env = dict(os.environ, NO_TORCH_COMPILE="1")
+    write_wav(tmp_path / "clara.wav", synthetic_voices()["test-high"], 24000)
+    voices = tmp_path / "voices"
+    voices.mkdir()
+    made = subprocess.run([str(BIN), "voice-prompt", str(tmp_path / "clara.wav"), "--out", str(voices / "clara.pt"),
+                           "--model", "tiny-persona"], capture_output=True, text=True, timeout=120, env=env)
+    assert made.returncode == 0, made.stderr
+    assert "wrote" in made.stdout and (voices / "clara.pt").stat().st_size > 1000
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN), "serve", "--model", "tiny-persona", "--voices", str(voices), "--port", str(port),
+         "--ice-host-address", "127.0.0.1"], stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        log = []
+        for line in server.stderr:
+            log.append(line)
+            if "ready for" in line:
+                break
+        threading.Thread(target=lambda: [log.append(line) for line in server.stderr], daemon=True).start()
+        assert "1 voices (clara), default voice clara" in "".join(log)
+        write_wav(tmp_path / "in.wav", np.zeros(48000, np.float32) + 0.01, 48000)
+        done = subprocess.run(
+            [str(BIN), "call", str(tmp_path / "in.wav"), "--out", str(tmp_path / "out.wav"), "--voice", "clara",
+             "--prompt", "You are a pirate.", "--url", f"http://127.0.0.1:{port}", "--tail", "2",
+             "--ice-host-address", "127.0.0.1"],
+            capture_output=True, text=True, timeout=60, env=env,
+        )
+        assert done.returncode == 0, done.stderr
+        summary = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
+        assert "prompt" in summary["events"] and summary["answer_to_first_audio_ms"] > 0
+        refused = subprocess.run(
+            [str(BIN), "call", str(tmp_path / "in.wav"), "--out", str(tmp_path / "x.wav"), "--voice", "bob",
+             "--url", f"http://127.0.0.1:{port}", "--ice-host-address", "127.0.0.1"],
+            capture_output=True, text=True, timeout=60, env=env,
+        )
+        assert refused.returncode == 2 and "400: unknown voice 'bob'; this server's voices: clara" in refused.stderr
+    finally:
+        server.terminate()
+        assert server.wait(timeout=20) == 0

@@ -212,3 +212,98 @@ async def test_a_model_that_takes_no_persona_refuses_voices():
     with pytest.raises(ValueError, match="takes no persona, so voices cannot be used"):
         await engine.start()
     await engine.stop()
+
+
+async def test_a_precomputed_voice_replays_exactly_like_its_clip(tmp_path, persona_engine):
+    """PersonaPlex ships voices as `.pt` files (per-step embeddings and the final token cache). One made
+    from a clip must give the very same conversation as the clip itself."""
+    from server.persona import save_precomputed_voice
+
+    recorded = await persona_engine._run_op(lambda: persona_engine.stepper.record_voice("test-low"))
+    voice_steps = len(persona_engine.prompt_book.voices["test-low"].codes)
+    assert recorded.embeddings.shape == (voice_steps - 1, 1, 64) and recorded.cache.shape == (9, 4)
+    save_precomputed_voice(recorded, tmp_path / "low-pre.pt")
+    clips = synthetic_voices()
+    engine = create_engine(ModelSource("tiny-persona"), max_calls=2, sampling=GREEDY,
+                           voices=VoiceOptions(folder=tmp_path, synthetic=clips))
+    await engine.start()
+    try:
+        assert engine.prompt_book.voices["low-pre"].precomputed is not None
+        persona = dict(prompt="You are a pirate.")
+        from_clip = await run_call(engine, noise_frames(8, 16), seed=2,
+                                   prompt=engine.plan_persona(Persona(voice="test-low", **persona)))
+        from_file = await run_call(engine, noise_frames(8, 16), seed=2,
+                                   prompt=engine.plan_persona(Persona(voice="low-pre.pt", **persona)))
+        other = await run_call(engine, noise_frames(8, 16), seed=2,
+                               prompt=engine.plan_persona(Persona(voice="test-high", **persona)))
+    finally:
+        await engine.stop()
+    assert np.allclose(audio_of(from_file), audio_of(from_clip), atol=1e-5)
+    assert texts_of(from_file) == texts_of(from_clip)
+    assert not np.allclose(audio_of(other), audio_of(from_clip), atol=1e-3)
+
+
+def test_a_precomputed_voice_for_another_model_is_refused(tmp_path):
+    from server.persona import PrecomputedVoice, save_precomputed_voice
+
+    save_precomputed_voice(PrecomputedVoice(torch.zeros(5, 1, 4096), torch.zeros(17, 4, dtype=torch.long)),
+                           tmp_path / "NATF0.pt")
+    stepper_options = VoiceOptions(folder=tmp_path)
+    from server.engine_setup import build_stepper
+
+    with pytest.raises(ValueError, match=r"NATF0.pt was made for another model: embeddings of width 4096"):
+        build_stepper(ModelSource("tiny-persona"), 1, voices=stepper_options)
+
+
+def test_a_personaplex_config_without_architecture_loads_as_moshi_7b_with_dep_q_16():
+    """PersonaPlex's config.json may hold only its type; its loader uses moshi's 7B config with dep_q=16."""
+    from moshi.models import loaders
+
+    from server.model_check import ModelLayout, check_layout
+    from server.model_source import complete_personaplex_config
+
+    raw = {"model_type": "personaplex", "version": "7b-v1"}
+    info = loaders.CheckpointInfo("w", "m", "t", {"version": "7b-v1"}, raw, None, "personaplex", None)
+    complete_personaplex_config(info)
+    assert info.lm_config == {**loaders._lm_kwargs, "dep_q": 16}
+    lm = loaders.get_moshi_lm(None, lm_kwargs=info.lm_config, device="meta", dtype=torch.bfloat16)
+    assert sum(p.numel() for p in lm.parameters()) == 8_371_408_896  # as PersonaPlex's own build
+    layout = ModelLayout(card=lm.card, text_card=lm.text_card, n_q=lm.n_q, dep_q=lm.dep_q, delays=tuple(lm.delays),
+                         mimi_codebooks=16, mimi_cardinality=2048, sample_rate=24000, frame_size=1920,
+                         tokenizer_size=32000, device="meta", dtype="bfloat16")
+    check_layout(layout, sample_rate=24000)
+    assert (layout.kind, layout.model_codebooks, layout.user_codebooks) == ("personaplex", 8, 8)
+    moshiko = loaders.CheckpointInfo("w", "m", "t", None, None, None, "moshi", None)
+    complete_personaplex_config(moshiko)  # anything else is left alone
+    assert moshiko.lm_config is None
+
+
+def test_a_voices_archive_is_unpacked_once_with_regular_files_only(tmp_path):
+    import io
+    import tarfile
+
+    from server.caller import write_wav
+    from server.voices import voices_folder
+
+    write_wav(tmp_path / "NATF0.wav", synthetic_voices()["test-low"], 24000)
+    archive = tmp_path / "voices.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "NATF0.wav", arcname="voices/NATF0.wav")
+        link = tarfile.TarInfo("voices/evil.wav")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+        note = tarfile.TarInfo("../outside.txt")
+        note.size = 2
+        tar.addfile(note, io.BytesIO(b"hi"))
+    cache = tmp_path / "cache"
+    with pytest.raises(Exception, match="outside"):  # a path out of the target is refused, not written
+        voices_folder(archive, cache)
+    assert not (tmp_path / "outside.txt").exists()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "NATF0.wav", arcname="voices/NATF0.wav")
+        link = tarfile.TarInfo("voices/evil.wav")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    folder = voices_folder(archive, cache)
+    assert folder.name == "voices" and sorted(p.name for p in folder.iterdir()) == ["NATF0.wav"]
+    assert voices_folder(archive, cache) == folder  # the second time, nothing is unpacked again
