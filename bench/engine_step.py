@@ -29,8 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from server.model_check import read_layout  # noqa: E402
 from server.model_source import LoadedModel, ModelSource, load_model  # noqa: E402
 from server.moshi_step import MoshiStepper, SamplingConfig  # noqa: E402
+from server.persona_step import PersonaStepper  # noqa: E402
 
 FRAME_MS = 80.0
 
@@ -47,9 +49,19 @@ class PlaceholderTokenizer:
     def id_to_piece(self, token: int) -> str:
         return f"<{token}>"
 
+    def is_control(self, token: int) -> bool:
+        return False
 
-def real_size_model(device: torch.device, dtype: torch.dtype, lm_layers: int | None = None) -> LoadedModel:
-    """moshiko-pytorch-bf16's architecture (moshi's built-in 7B config) with random weights.
+    def encode(self, text: str) -> list[int]:
+        """About one id per word piece, for sizing a persona prompt's replay; the ids mean nothing."""
+        return [4 + len(word) for word in text.split() for _ in range(2)]
+
+
+def real_size_model(
+    device: torch.device, dtype: torch.dtype, lm_layers: int | None = None, persona: bool = False
+) -> LoadedModel:
+    """moshiko-pytorch-bf16's architecture (moshi's built-in 7B config) with random weights;
+    `persona`: PersonaPlex's (the same with dep_q=16, so the depth transformer has 16 steps).
 
     `lm_layers` shrinks the main transformer for a smoke run of this code path on a small machine;
     such a run is not a real-size figure.
@@ -57,14 +69,20 @@ def real_size_model(device: torch.device, dtype: torch.dtype, lm_layers: int | N
     from moshi.models import loaders
 
     overrides = {} if lm_layers is None else {"num_layers": lm_layers}
-    name = "moshiko-architecture-random-weights" + ("" if lm_layers is None else f"-{lm_layers}-layers-SMOKE")
-    mimi = loaders.get_mimi(None, device=device, num_codebooks=8)
+    if persona:
+        overrides["dep_q"] = 16
+    name = "personaplex" if persona else "moshiko"
+    name += "-architecture-random-weights" + ("" if lm_layers is None else f"-{lm_layers}-layers-SMOKE")
+    mimi = loaders.get_mimi(None, device=device, num_codebooks=16 if persona else 8)
     lm = loaders.get_moshi_lm(None, device=device, dtype=dtype, lm_kwargs_overrides=overrides)
     return LoadedModel(name, mimi, lm, PlaceholderTokenizer(lm.text_card), True)
 
 
 def time_batch(model: LoadedModel, batch: int, steps: int, warmup: int) -> dict:
-    stepper = MoshiStepper(model, batch, SamplingConfig())
+    if read_layout(model.mimi, model.lm, model.text_tokenizer).takes_persona:
+        stepper = PersonaStepper(model, batch, SamplingConfig())
+    else:
+        stepper = MoshiStepper(model, batch, SamplingConfig())
     stepper.warm_up()
     rng = np.random.default_rng(0)
     rows = np.ones(batch, dtype=bool)
@@ -97,6 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--real-size", action="store_true", help="moshiko's architecture, random weights")
     parser.add_argument("--lm-layers", type=int, default=None, help="smoke runs only: fewer LM layers")
+    parser.add_argument("--persona", action="store_true", help="with --real-size: PersonaPlex's dep_q=16 layout")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes")
     parser.add_argument("--steps", type=int, default=100)
@@ -112,7 +131,7 @@ def main() -> None:
 
     with torch.no_grad():
         if args.real_size:
-            model = real_size_model(device, dtype, args.lm_layers)
+            model = real_size_model(device, dtype, args.lm_layers, args.persona)
         else:
             model = load_model(ModelSource("tiny"), device, dtype)
         header = {

@@ -85,6 +85,8 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
         assert not lm.training, "generation runs in eval mode"
         if lm.n_q != lm.dep_q or lm.dep_q % 2:
             raise ValueError(f"PersonaGen needs n_q == dep_q and an even dep_q, got n_q={lm.n_q} dep_q={lm.dep_q}")
+        if lm.fuser is not None or lm.condition_provider is not None:
+            raise ValueError("PersonaGen does not feed conditioning tensors; this checkpoint has conditioners")
         super().__init__()
         self.lm = lm
         self.lm.set_streaming_detached(True)
