@@ -307,3 +307,18 @@ def test_a_voices_archive_is_unpacked_once_with_regular_files_only(tmp_path):
     folder = voices_folder(archive, cache)
     assert folder.name == "voices" and sorted(p.name for p in folder.iterdir()) == ["NATF0.wav"]
     assert voices_folder(archive, cache) == folder  # the second time, nothing is unpacked again
+
+
+async def test_a_persona_checkpoint_directory_loads_through_the_same_path_as_moshiko(tmp_path):
+    from server.tiny_model import write_tiny_checkpoint
+
+    directory = write_tiny_checkpoint(tmp_path / "persona-ckpt", persona=True)
+    engine = create_engine(ModelSource(str(directory)), max_calls=1, sampling=GREEDY)
+    await engine.start()
+    try:
+        assert engine.info.kind == "personaplex" and engine.info.is_test_model
+        assert engine.prompt_book is not None and engine.prompt_book.voices  # a test model gets test voices
+        results = await run_call(engine, noise_frames(9, 8), prompt=engine.plan_persona(None))
+        assert any(not r.silent for r in results)
+    finally:
+        await engine.stop()
