@@ -21,6 +21,8 @@ from .persona import PersonaLimits
 from .turn import TURN_SECRET_ENV
 
 WHIP_TOKEN_ENV = "MOSHI_WEBRTC_WHIP_TOKEN"
+API_TOKEN_ENV = "MOSHI_WEBRTC_API_TOKEN"
+EXIT_DEVICE_FAILED = 70  # EX_SOFTWARE: a supervisor should restart the process
 
 log = logging.getLogger("moshi_webrtc")
 
@@ -79,10 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="relay: the server's peer and the page use TURN relay candidates only")
     serve.add_argument("--ice-host-address", action="append", default=[], metavar="IP",
                        help="offer host candidates only on this local address (repeatable; default: all)")
-    serve.add_argument("--whip-token", default=os.environ.get(WHIP_TOKEN_ENV),
-                       help=f"bearer token WHIP clients must send (or ${WHIP_TOKEN_ENV}); default: WHIP is open")
-    serve.add_argument("--media-timeout", type=float, default=10.0,
-                       help="end a call whose caller sends no audio for this many seconds")
+    guard = serve.add_argument_group("protection (docs/OPERATIONS.md)")
+    guard.add_argument("--api-token", "--whip-token", dest="api_token",
+                       default=os.environ.get(API_TOKEN_ENV) or os.environ.get(WHIP_TOKEN_ENV),
+                       help=f"bearer token for /offer, /sessions, /whip, /ice-servers, /personas (or ${API_TOKEN_ENV});"
+                            " default: open. The page takes it from its URL: /#token=...")
+    guard.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="another origin whose pages may call the API, e.g. https://app.example.org (repeatable); "
+                            "default: same origin only")
+    guard.add_argument("--max-offers-per-minute", type=int, default=20,
+                       help="offers (/offer, /whip) one client address may make per minute; 0: no limit")
+    guard.add_argument("--trust-forwarded-for", action="store_true",
+                       help="behind a reverse proxy: take the client's address from X-Forwarded-For")
+    guard.add_argument("--media-timeout", type=float, default=10.0,
+                       help="end a call whose caller sends no audio for this many seconds (a vanished caller)")
+    guard.add_argument("--max-call-minutes", type=float, default=60.0,
+                       help="end a call after this many minutes; 0: no limit")
+    guard.add_argument("--no-exit-on-fatal", dest="exit_on_fatal", action="store_false",
+                       help="stay up (unhealthy) after the model's device fails, instead of exiting with status 70 "
+                            "for a supervisor to restart")
     persona = serve.add_argument_group("personas (PersonaPlex-style models)")
     persona.add_argument("--voices", help="folder of voice clips (wav, flac, mp3...) and/or PersonaPlex .pt voices, "
                                           "or a voices.tgz holding them")
@@ -180,8 +197,10 @@ async def serve(args: argparse.Namespace) -> int:
                     relay_only=args.ice_transport_policy == "relay")
     model = _first_choice(args)
     engine = _engine_for(args, model)
-    service = SignalingService(engine, SignalingConfig(ice=ice, media_timeout_s=args.media_timeout,
-                                                       whip_token=args.whip_token))
+    service = SignalingService(engine, SignalingConfig(
+        ice=ice, media_timeout_s=args.media_timeout, api_token=args.api_token, cors_origins=tuple(args.cors_origin),
+        max_offers_per_minute=args.max_offers_per_minute, trust_forwarded_for=args.trust_forwarded_for,
+        max_call_s=60 * args.max_call_minutes if args.max_call_minutes > 0 else None))
     runner = web.AppRunner(service.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
@@ -207,15 +226,24 @@ async def serve(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
 
     stop = asyncio.Event()
+    status = {"code": 0}
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+
+    def on_fatal(exc: BaseException) -> None:
+        log.critical("%s", exc)
+        if args.exit_on_fatal:
+            status["code"] = EXIT_DEVICE_FAILED
+            loop.call_later(1.0, stop.set)  # a moment for the calls' error messages to go out
+
+    engine.fatal_listeners.append(on_fatal)
     await stop.wait()
     log.info("shutting down")
     await runner.cleanup()
     await engine.stop()
-    return 0
+    return status["code"]
 
 
 # -- call ---------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ class EchoStepper(NoPrompts):
         for slot in slots:
             self._lines[slot] = deque([None] * self.delay_frames)
 
-    def step(self, frames: np.ndarray, rows: np.ndarray) -> list[SlotOutput]:
+    def step(self, frames: np.ndarray, rows: np.ndarray, prompts: np.ndarray | None = None) -> list[SlotOutput]:
         outputs = [SlotOutput() for _ in range(self.batch_size)]
         for slot in np.flatnonzero(rows):
             line = self._lines[slot]

@@ -33,6 +33,11 @@ Rules it keeps:
   falls behind, the oldest are dropped (FrameDropped) and counted, never queued without end.
 - An out-of-range token is an error for its call (see `server.tokens`); the
   call fails, the other calls go on, and the engine counts it.
+- A failure is contained where it can be: an exception in a batched step is
+  retried slot by slot, and only the slot that fails alone loses its call. A
+  device error (a CUDA error leaves the context unusable) is fatal: every call
+  fails with it, the engine takes no more calls, and `fatal` says why, so
+  health checks fail and a supervisor restarts the process.
 - A persona prompt replays in its own slot, riding along with the other
   calls' steps and in steps of its own when nobody else has a frame waiting,
   so other calls keep their pace. Its caller's frames meanwhile get silence.
@@ -76,6 +81,23 @@ class CallClosed(RuntimeError):
 
 class FrameDropped(RuntimeError):
     """The model fell behind and this frame was dropped, oldest first, to keep the delay bounded."""
+
+
+class DeviceFailed(RuntimeError):
+    """The model's device failed; nothing more can run on it in this process."""
+
+
+def is_device_fatal(exc: BaseException) -> bool:
+    """A CUDA error poisons the context: every later kernel fails, so the process must be restarted."""
+    if isinstance(exc, DeviceFailed):
+        return True
+    accelerator_error = getattr(__import__("torch"), "AcceleratorError", ())
+    if accelerator_error and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert")
+    )
 
 
 def rms(samples: np.ndarray) -> float:
@@ -206,7 +228,8 @@ class Call:
             log.info("call %d: prompt replayed in %.2f s (%s)", self.call_id, seconds, self.prompt.description)
             self.prompt_done.set_result(seconds)
 
-    def _fail_prompt(self, exc: Exception) -> None:
+    def _fail(self, exc: BaseException) -> None:
+        """On the event loop: the engine failed this call; its next frame raises `exc`."""
         self.error = exc
         _fail_future(self.prompt_done, exc)
 
@@ -295,7 +318,11 @@ class Engine:
         self._stopping = False
         self._next_call_id = 1
         self.ready = False
+        self.fatal: BaseException | None = None
         self.stats = EngineStats()
+        self.fatal_listeners: list[Callable[[BaseException], None]] = []  # called on the event loop
+        self.step_listeners: list[Callable[[float, int], None]] = []  # (step seconds, rows): inference thread
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -303,6 +330,7 @@ class Engine:
         """Build the stepper and warm up on the inference thread; calls are accepted afterwards."""
         if self._thread is not None:
             raise RuntimeError("engine already started")
+        self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
         self._thread.start()
         stepper = await self._run_op(self._factory)
@@ -363,6 +391,19 @@ class Engine:
         with self._cond:
             return [call for call in self._slots if call is not None]
 
+    async def check_device(self) -> bool:
+        """A tiny operation on the model's device, run between steps: does the device still answer?"""
+        device = getattr(self.stepper, "device", None)
+
+        def probe() -> bool:
+            if device is None:  # the echo engine has no device
+                return True
+            import torch
+
+            return float(torch.ones(2, device=device).sum().item()) == 2.0
+
+        return await self._run_op(probe)
+
     # -- calls ------------------------------------------------------------------------------
 
     @property
@@ -383,6 +424,8 @@ class Engine:
     async def open_call(self, seed: int | None = None, prompt: PromptPlan | None = None) -> Call:
         """Take a free slot, reset it, and start replaying `prompt` there if one is given.
         Raises EngineNotReady before warm-up, EngineFull when full."""
+        if self.fatal is not None:
+            raise EngineNotReady(f"the model's device failed: {self.fatal}")
         if not self.ready:
             raise EngineNotReady("the engine is still warming up")
         with self._cond:
@@ -489,12 +532,12 @@ class Engine:
 
     def _step(self, batch: list[_PendingFrame], prompting: np.ndarray) -> None:
         stepper = self.stepper
-        frames = np.zeros((stepper.batch_size, stepper.frame_size), dtype=np.float32)
-        rows = np.zeros(stepper.batch_size, dtype=bool)
         for item in [item for item in batch if prompting[item.call.slot]]:
             # A slot replaying its prompt does not hear its caller yet: the frame gets silence now.
             batch.remove(item)
             item.loop.call_soon_threadsafe(item.call._deliver, item, SlotOutput(), 0.0, True)
+        frames = np.zeros((stepper.batch_size, stepper.frame_size), dtype=np.float32)
+        rows = np.zeros(stepper.batch_size, dtype=bool)
         for item in batch:
             frames[item.call.slot] = item.frame
             rows[item.call.slot] = True
@@ -502,19 +545,23 @@ class Engine:
         try:
             outputs = stepper.step(frames, rows)
         except Exception as exc:
-            log.exception("engine step failed for slots %s", np.flatnonzero(rows | prompting).tolist())
-            for item in batch:
-                item.loop.call_soon_threadsafe(_fail_future, item.future, exc)
-            for slot in np.flatnonzero(prompting):  # a prompt that cannot step must not be retried forever
-                stepper.end_prompt(slot)
-                if (call := self._slots[slot]) is not None:
-                    call.loop.call_soon_threadsafe(call._fail_prompt, exc)
-            return
+            if is_device_fatal(exc):
+                self._die(exc)
+                return
+            if int(rows.sum() + prompting.sum()) == 1:
+                self._fail_slots(np.flatnonzero(rows | prompting), batch, exc)
+                return
+            log.exception("a batched step failed; retrying its slots one at a time to find the one at fault")
+            outputs = self._step_one_by_one(frames, rows, prompting, batch)
+            if outputs is None:
+                return
         step_ms = 1000 * (time.perf_counter() - started)
         self.stats.steps += 1
         self.stats.slot_steps += len(batch)
         self.stats.prompt_steps += int(prompting.sum())
         self.stats.step_ms.append(step_ms)
+        for listener in self.step_listeners:
+            listener(step_ms / 1000, len(batch) + int(prompting.sum()))
         for item in batch:
             output = outputs[item.call.slot]
             if output.error is not None:
@@ -525,6 +572,60 @@ class Engine:
             call = self._slots[slot]
             if outputs[slot].prompt_finished and call is not None:
                 call.loop.call_soon_threadsafe(call._finish_prompt)
+
+    def _step_one_by_one(
+        self, frames: np.ndarray, rows: np.ndarray, prompting: np.ndarray, batch: list[_PendingFrame]
+    ) -> list[SlotOutput] | None:
+        """Each slot of a failed step alone: the one that still fails loses its call, the others go on.
+
+        Slots whose frame was encoded before the failure hear it twice: one 80 ms glitch, not a lost call."""
+        stepper = self.stepper
+        outputs = [SlotOutput() for _ in range(stepper.batch_size)]
+        none = np.zeros(stepper.batch_size, dtype=bool)
+        for slot in np.flatnonzero(rows | prompting):
+            alone = none.copy()
+            alone[slot] = True
+            try:
+                out = stepper.step(frames, alone & rows, prompts=alone & prompting)
+            except Exception as exc:
+                if is_device_fatal(exc):
+                    self._die(exc)
+                    return None
+                self._fail_slots([slot], batch, exc)
+                continue
+            outputs[slot] = out[slot]
+        return outputs
+
+    def _fail_slots(self, slots, batch: list[_PendingFrame], exc: Exception) -> None:
+        """End these slots' calls with `exc` (their peers say so on `events` and hang up)."""
+        log.error("call slot(s) %s failed: %s: %s", list(slots), type(exc).__name__, exc)
+        for slot in slots:
+            self.stepper.end_prompt(int(slot))
+            for item in [item for item in batch if item.call.slot == slot]:
+                batch.remove(item)
+                item.loop.call_soon_threadsafe(_fail_future, item.future, exc)
+            if (call := self._slots[slot]) is not None:
+                call.loop.call_soon_threadsafe(call._fail, exc)
+
+    def _die(self, exc: BaseException) -> None:
+        """A fatal device error: fail every call and every waiting frame, take no more work."""
+        log.critical("the model's device failed; the engine stops: %s", exc)
+        fatal = DeviceFailed(f"the model's device failed ({type(exc).__name__}: {exc}); the server must restart")
+        with self._cond:
+            self.fatal = fatal
+            self.ready = False
+            self._stopping = True
+            pending = [p for queue in self._pending for p in queue]
+            for queue in self._pending:
+                queue.clear()
+            calls = [call for call in self._slots if call is not None]
+        for item in pending:
+            item.loop.call_soon_threadsafe(_fail_future, item.future, fatal)
+        for call in calls:
+            call.loop.call_soon_threadsafe(call._fail, fatal)
+        if self._loop is not None:
+            for listener in self.fatal_listeners:
+                self._loop.call_soon_threadsafe(listener, fatal)
 
 
 def _fail_future(future: asyncio.Future, exc: BaseException) -> None:

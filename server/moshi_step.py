@@ -171,9 +171,9 @@ class MoshiStepper(NoPrompts):
         return self.noise.step(rows) if self.noise is not None else contextlib.nullcontext()
 
     def _generate(
-        self, user_codes: torch.Tensor, rows: np.ndarray, outputs: list[SlotOutput]
+        self, user_codes: torch.Tensor, rows: np.ndarray, prompt_rows: np.ndarray, outputs: list[SlotOutput]
     ) -> torch.Tensor:
-        """One LM step for `rows` (and any prompting slots); returns `[B, 1 + model_codebooks]` tokens."""
+        """One LM step for `rows` and `prompt_rows`; returns `[B, 1 + model_codebooks]` tokens."""
         self.generator.set_exec_mask(self._mask(rows))
         with self._sampling_noise(rows):
             tokens = self.generator.step(user_codes)
@@ -187,8 +187,9 @@ class MoshiStepper(NoPrompts):
         return pcm[:, 0].float().cpu().numpy()
 
     @torch.no_grad()
-    def step(self, frames: np.ndarray, rows: np.ndarray) -> list[SlotOutput]:
+    def step(self, frames: np.ndarray, rows: np.ndarray, prompts: np.ndarray | None = None) -> list[SlotOutput]:
         rows = np.asarray(rows, dtype=bool).copy()
+        prompt_rows = self.prompting_rows() if prompts is None else self.prompting_rows() & prompts
         outputs = [SlotOutput() for _ in range(self.batch_size)]
         lm_rows = np.zeros_like(rows)
         user_codes = torch.zeros(self.batch_size, self.layout.user_codebooks, 1, dtype=torch.long, device=self.device)
@@ -209,10 +210,10 @@ class MoshiStepper(NoPrompts):
                 lm_rows[slot] = False
             # Rows that do not execute get a valid filler id.
             user_codes = torch.where(self._mask(lm_rows)[:, None, None], user_codes, torch.zeros_like(user_codes))
-        if not (lm_rows.any() or self.prompting_rows().any()):
+        if not (lm_rows.any() or prompt_rows.any()):
             return outputs
 
-        tokens = self._generate(user_codes, lm_rows, outputs)
+        tokens = self._generate(user_codes, lm_rows, prompt_rows, outputs)
         own = self.layout.model_codebooks
         routed = route_step(
             tokens.cpu().numpy(), lm_rows, text_card=self.layout.text_card, card=self.layout.card, dep_q=own

@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
@@ -60,6 +61,19 @@ class RelayUnavailable(RuntimeError):
     """Media must go through TURN, and TURN gave this peer no relay address."""
 
 
+class CallObserver(Protocol):
+    """Who counts calls (signaling.metrics.ServiceMetrics)."""
+
+    def call_started(self) -> None: ...
+    def call_connected(self, path: str) -> None: ...
+    def call_frame(self, input_rms: float, output_rms: float, mouth_to_ear_s: float) -> None: ...
+    def call_ended(self, kind: str, output_dropped_s: float) -> None: ...
+
+
+# The model answers a frame one frame later than it hears it (its structural delay).
+MODEL_FRAME_S = 0.08
+
+
 class CallSession:
     """A caller's peer connection and engine slot, from offer to hang-up."""
 
@@ -73,7 +87,11 @@ class CallSession:
         max_output_buffer_ms: int = 400,
         max_standing_ms: int = 60,
         on_end: Callable[[CallSession], None] | None = None,
+        observer: CallObserver | None = None,
+        max_duration_s: float | None = None,
     ):
+        """`media_timeout`: end the call when the caller sends no audio that long (a vanished caller is
+        noticed then, long before ICE consent expires). `max_duration_s`: end it after that long."""
         self.session_id = session_id
         self.engine = engine
         self.call = call
@@ -87,6 +105,7 @@ class CallSession:
         self.stats = PeerStats(call.stats)
         self.started_at = time.monotonic()
         self.end_reason: str | None = None
+        self.end_kind: str | None = None
         self.ended = asyncio.Event()
         self._on_end = on_end
         self._reader: asyncio.Task | None = None
@@ -95,12 +114,30 @@ class CallSession:
         self._drops_reported = (0, 0)
         self._drops_reported_at = 0.0
         self._ending = False
+        self.observer = observer
+        self.max_duration_s = max_duration_s
+        self.path: str | None = None  # "relay" or "direct" once media flows
+        self.mouth_to_ear_estimate_s: float | None = None
+        self._counted = False
+        self._duration_timer: asyncio.TimerHandle | None = None
         self._prompt_watch = asyncio.ensure_future(self._announce_prompt()) if call.prompt is not None else None
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
 
     # -- setup --------------------------------------------------------------------------------
+
+    def started(self) -> None:
+        """The call was answered: count it, and start the clock on its maximum length."""
+        self._counted = True
+        if self.observer is not None:
+            self.observer.call_started()
+        if self.max_duration_s is not None:
+            self._duration_timer = asyncio.get_running_loop().call_later(
+                self.max_duration_s,
+                lambda: asyncio.ensure_future(self.hang_up(
+                    f"the call reached its maximum length of {self.max_duration_s:g} s", kind="max_duration")),
+            )
 
     async def answer(self, offer: RTCSessionDescription) -> RTCSessionDescription:
         """Apply the caller's offer; the answer returned already holds our ICE candidates."""
@@ -144,19 +181,32 @@ class CallSession:
         log.info("session %s: connection %s", self.session_id, state)
         if state == "connected" and self.stats.connected_at is None:
             self.stats.connected_at = time.monotonic()
+            self.path = self._media_path()
+            if self.observer is not None:
+                self.observer.call_connected(self.path)
         elif state in ("failed", "closed") and not self._ending:
-            await self.hang_up(f"connection {state}")
+            await self.hang_up(f"connection {state}", kind=f"connection_{state}")
+
+    def _media_path(self) -> str:
+        """`relay` when the nominated ICE pair goes through TURN on either side, else `direct`."""
+        try:
+            transport = self.pc.getTransceivers()[0].receiver.transport.transport
+            pair = transport._connection._nominated.get(1)  # aioice's nominated pair for RTP
+            kinds = {pair.local_candidate.type, pair.remote_candidate.type}
+        except (AttributeError, IndexError):
+            return "unknown"
+        return "relay" if "relay" in kinds else "direct"
 
     # -- media --------------------------------------------------------------------------------
 
     async def _read_audio(self, track: MediaStreamTrack) -> None:
-        reason = "caller's audio ended"
+        reason, kind = "caller's audio ended", "caller_gone"
         try:
             while not self._ending:  # checked every frame: a cancel racing a frame can be lost in wait_for
                 try:
                     frame = await asyncio.wait_for(track.recv(), self.media_timeout)
                 except asyncio.TimeoutError:
-                    reason = f"no audio from the caller for {self.media_timeout:g} s"
+                    reason, kind = f"no audio from the caller for {self.media_timeout:g} s", "no_media"
                     self.send_event({"type": "error", "reason": reason})
                     break
                 for samples in self.inbound.push(frame):
@@ -166,11 +216,11 @@ class CallSession:
         except asyncio.CancelledError:
             return
         except Exception as exc:  # the engine refused this call's frames
-            reason = f"engine error: {exc}"
+            reason, kind = f"engine error: {exc}", "engine_error"
             log.error("session %s: %s", self.session_id, reason)
             self.send_event({"type": "error", "reason": reason})
         if not self._ending:
-            asyncio.ensure_future(self.hang_up(reason))
+            asyncio.ensure_future(self.hang_up(reason, kind=kind))
 
     def _submit(self, samples) -> None:
         self._results.put_nowait(self.call.submit(samples))  # the call logs and counts its input level
@@ -186,6 +236,7 @@ class CallSession:
                     self._report_drops()
                     continue
                 self.outbound.push(result.audio)
+                self._observe(result)
                 if not result.silent and self.stats.first_model_audio_at is None:
                     self.stats.first_model_audio_at = time.monotonic()
                 if result.text is not None:
@@ -198,7 +249,25 @@ class CallSession:
             log.error("session %s: %s", self.session_id, reason)
             self.send_event({"type": "error", "reason": reason})
             if not self._ending:
-                asyncio.ensure_future(self.hang_up(reason))
+                asyncio.ensure_future(self.hang_up(reason, kind="engine_error"))
+
+    def _observe(self, result) -> None:
+        """The server's share of the mouth-to-ear delay for this frame (see signaling.metrics)."""
+        queued_s = self.outbound.buffered_samples / self.outbound.sample_rate
+        framing_s = self.engine.frame_size / self.engine.sample_rate / 2  # a sample waits half a frame on average
+        rtt_s = self._rtt_s or 0.0
+        self.mouth_to_ear_estimate_s = framing_s + result.latency_ms / 1000 + queued_s + MODEL_FRAME_S + rtt_s
+        if self.observer is not None:
+            self.observer.call_frame(result.input_rms, result.output_rms, self.mouth_to_ear_estimate_s)
+
+    @property
+    def _rtt_s(self) -> float | None:
+        """The round trip time from the caller's RTCP receiver reports, when there are some."""
+        try:
+            sender = self.pc.getSenders()[0]
+            return sender._RTCRtpSender__rtt
+        except (AttributeError, IndexError):
+            return None
 
     def _report_drops(self) -> None:
         """Tell the caller when audio was dropped to keep the delay bounded; at most once a second."""
@@ -219,13 +288,17 @@ class CallSession:
 
     # -- ending -------------------------------------------------------------------------------
 
-    async def hang_up(self, reason: str) -> None:
-        """End the call once: say bye, free the slot, stop the tracks, close the peer connection."""
+    async def hang_up(self, reason: str, kind: str = "hung_up") -> None:
+        """End the call once: say bye, free the slot, stop the tracks, close the peer connection.
+        `kind`: the reason's category, for metrics (hung_up, caller_gone, no_media, max_duration, ...)."""
         if self._ending:
             await self.ended.wait()
             return
         self._ending = True
         self.end_reason = reason
+        self.end_kind = kind
+        if self._duration_timer is not None:
+            self._duration_timer.cancel()
         log.info("session %s: ending (%s)", self.session_id, reason)
         self.send_event({"type": "bye", "reason": reason})
         tasks = {t for t in (self._reader, self._player, self._prompt_watch)
@@ -238,6 +311,8 @@ class CallSession:
         self.outbound.stop()
         await self.pc.close()
         self.ended.set()
+        if self._counted and self.observer is not None:
+            self.observer.call_ended(kind, self.outbound.samples_dropped / self.outbound.sample_rate)
         if self._on_end is not None:
             self._on_end(self)
 
@@ -259,6 +334,10 @@ class CallSession:
             "outbound_frames_sent": self.outbound.frames_sent,
             "frames_dropped": call.frames_dropped,
             "outbound_samples_dropped": self.outbound.samples_dropped,
+            "path": self.path,
+            "mouth_to_ear_estimate_ms": (
+                round(1000 * self.mouth_to_ear_estimate_s) if self.mouth_to_ear_estimate_s is not None else None
+            ),
             "persona": self.call.prompt.description if self.call.prompt is not None else None,
             "prompting": self.call.prompting,
             "frames_during_prompt": call.frames_during_prompt,

@@ -110,10 +110,11 @@ class PersonaStepper(MoshiStepper):
 
     # -- the step --------------------------------------------------------------------------
 
-    def _generate(self, user_codes: torch.Tensor, rows: np.ndarray, outputs: list[SlotOutput]) -> torch.Tensor:
+    def _generate(
+        self, user_codes: torch.Tensor, rows: np.ndarray, prompting: np.ndarray, outputs: list[SlotOutput]
+    ) -> torch.Tensor:
         own = self.layout.model_codebooks
         channels = 1 + self.layout.n_q
-        prompting = self.prompting_rows()
         given_host = np.full((self.batch_size, channels), UNGENERATED, dtype=np.int64)
         embedding = embedding_rows = None
         for slot in np.flatnonzero(prompting):

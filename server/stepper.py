@@ -44,8 +44,9 @@ class Stepper(Protocol):
 
     def reset_slots(self, slots: list[int], seeds: list[int]) -> None: ...
 
-    def step(self, frames: np.ndarray, rows: np.ndarray) -> list[SlotOutput]:
-        """`frames` is [B, frame_size] float32; `rows[b]` is True where slot b has a frame."""
+    def step(self, frames: np.ndarray, rows: np.ndarray, prompts: np.ndarray | None = None) -> list[SlotOutput]:
+        """`frames` is [B, frame_size] float32; `rows[b]` is True where slot b has a frame.
+        Slots replaying a prompt advance one prompt step too (only those in `prompts`, when given)."""
         ...
 
     def warm_up(self) -> None: ...

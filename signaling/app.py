@@ -3,7 +3,9 @@
     POST   /offer             {"sdp", "type": "offer", "persona"?} -> 200 {"sdp", "type": "answer", "session_id"}
     DELETE /sessions/{id}     hang a call up                       -> 200 {"session_id", "ended": true}
     GET    /sessions/{id}     a call's live figures                -> 200 JSON
-    GET    /healthz           200 once the engine is warm, else 503
+    GET    /healthz           alive: 200, or 503 once the model's device has failed (restart the process)
+    GET    /readyz            ready for a call: warm, a slot free, the device answers; else 503 and why
+    GET    /metrics           Prometheus metrics (signaling.metrics)
     GET    /status            model, test-model flag, free call slots
     GET    /ice-servers       the STUN/TURN servers clients should use: {"iceServers": [...]}
     GET    /personas          whether the model takes a persona, its voices, default and limits
@@ -16,6 +18,7 @@ wrong, or 503 with `Retry-After` when every call slot is taken. A persona
 long, names a voice the server lacks, or is sent to a model that takes none
 gets a 400 that says which.
 The owner of the app starts and stops the engine; the app only uses it.
+Token, CORS and offer-rate guards: signaling.guards.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from server.peer import CallSession, RelayUnavailable
 from server.persona import Persona, PersonaError
 
 from .errors import SessionRefused, json_error
+from .guards import OfferRateLimit, cors_middleware, token_middleware
+from .metrics import CONTENT_TYPE, METRICS_KEY, ServiceMetrics
 from .offer_check import MAX_BODY_BYTES, OfferRejected, parse_offer_json
 from .whip import WhipEndpoint
 
@@ -56,7 +61,11 @@ class SignalingConfig:
     answer_timeout_s: float = 15.0
     retry_after_s: int = 5
     web_dir: Path = WEB_DIR
-    whip_token: str | None = None  # bearer token WHIP requests must carry; None: open
+    api_token: str | None = None  # bearer token for the call API (offer, sessions, WHIP, ICE servers); None: open
+    cors_origins: tuple[str, ...] = ()  # other origins whose pages may call the API
+    max_offers_per_minute: int = 20  # per client address; 0: no limit
+    trust_forwarded_for: bool = False  # behind a reverse proxy: the client is X-Forwarded-For's first address
+    max_call_s: float | None = 3600.0  # a call ends after this long
 
 
 class SignalingService:
@@ -64,20 +73,30 @@ class SignalingService:
         self.engine = engine
         self.config = config or SignalingConfig()
         self.sessions: dict[str, CallSession] = {}
+        self.metrics = ServiceMetrics(lambda: self.engine, lambda: list(self.sessions.values()))
+        self._device_checked_at = 0.0
+        self._device_ok = True
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        config = self.config
+        limit = OfferRateLimit(config.max_offers_per_minute, config.trust_forwarded_for)
+        middlewares = [cors_middleware(config.cors_origins), token_middleware(config.api_token), limit.middleware()]
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
         app[SERVICE_KEY] = self
+        app[METRICS_KEY] = self.metrics
+        self.engine.step_listeners.append(self.metrics.engine_step)
         app.router.add_post("/offer", self.post_offer)
         app.router.add_delete("/sessions/{session_id}", self.delete_session)
         app.router.add_get("/sessions/{session_id}", self.get_session)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/status", self.status)
         app.router.add_get("/ice-servers", self.ice_servers)
         app.router.add_get("/personas", self.personas)
         app.router.add_get("/", self.index)
         app.router.add_static("/web/", self.config.web_dir)
-        WhipEndpoint(self, self.config.whip_token).add_routes(app)
+        WhipEndpoint(self).add_routes(app)
         app.on_shutdown.append(self._hang_up_all)
         return app
 
@@ -92,6 +111,7 @@ class SignalingService:
             offer = parse_offer_json(body, request.content_type)
         except OfferRejected as rejected:
             log.info("offer rejected (%d): %s", rejected.status, rejected.message)
+            self.metrics.rejected("bad_offer")
             return json_error(rejected.status, rejected.message)
         try:
             session, answer = await self.start_session(offer.description, offer.persona)
@@ -112,27 +132,34 @@ class SignalingService:
             call = await self.engine.open_call(prompt=plan)
         except PersonaError as exc:
             log.info("persona refused: %s", exc)
+            self.metrics.rejected("persona")
             raise SessionRefused(400, str(exc)) from None
         except EngineFull as exc:
+            self.metrics.rejected("busy")
             raise SessionRefused(503, f"the line is busy: {exc}; try again shortly", retry) from None
         except EngineNotReady as exc:
+            self.metrics.rejected("not_ready")
             raise SessionRefused(503, f"the model is not ready: {exc}", retry) from None
         session_id = secrets.token_urlsafe(12)
         session = CallSession(session_id, self.engine, call, self.config.ice,
                               media_timeout=self.config.media_timeout_s,
                               max_output_buffer_ms=self.config.max_output_buffer_ms,
-                              max_standing_ms=self.config.max_standing_ms, on_end=self._forget)
+                              max_standing_ms=self.config.max_standing_ms, on_end=self._forget,
+                              observer=self.metrics, max_duration_s=self.config.max_call_s)
         try:
             answer = await asyncio.wait_for(session.answer(offer), self.config.answer_timeout_s)
         except RelayUnavailable as exc:
-            await session.hang_up("no TURN relay")
+            await session.hang_up("no TURN relay", kind="no_relay")
             log.error("offer failed: %s", exc)
+            self.metrics.rejected("no_relay")
             raise SessionRefused(502, str(exc)) from None
         except Exception as exc:  # a bad offer must not leave a peer or a slot behind
-            await session.hang_up("the offer could not be applied")
+            await session.hang_up("the offer could not be applied", kind="bad_offer")
             log.info("offer failed: %s: %s", type(exc).__name__, exc)
+            self.metrics.rejected("bad_offer")
             raise SessionRefused(400, f"the offer could not be applied: {type(exc).__name__}: {exc}") from None
         self.sessions[session_id] = session
+        session.started()
         log.info("session %s: answered, slot %d", session_id, call.slot)
         return session, answer
 
@@ -158,14 +185,46 @@ class SignalingService:
     async def _hang_up_all(self, app: web.Application) -> None:
         for session in list(self.sessions.values()):
             with contextlib.suppress(Exception):
-                await session.hang_up("server shutting down")
+                await session.hang_up("server shutting down", kind="shutdown")
 
     # -- health and page -----------------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
-        if not self.engine.ready:
-            return web.json_response({"ready": False}, status=503, headers={"Retry-After": "2"})
-        return web.json_response({"ready": True})
+        """Liveness: fails only when the process must be restarted (its model's device failed)."""
+        if self.engine.fatal is not None:
+            return web.json_response({"alive": False, "reason": str(self.engine.fatal)}, status=503)
+        return web.json_response({"alive": True})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: warm, a call slot free, and the device answers a tiny operation."""
+        engine = self.engine
+        reason = None
+        if engine.fatal is not None:
+            reason = str(engine.fatal)
+        elif not engine.ready:
+            reason = "the model is warming up"
+        elif engine.free_slots == 0:
+            reason = f"all {engine.batch_size} call slots are busy"
+        elif not await self._device_answers():
+            reason = "the model's device did not answer a test operation within 2 s"
+        if reason is not None:
+            return web.json_response({"ready": False, "reason": reason}, status=503, headers={"Retry-After": "2"})
+        return web.json_response({"ready": True, "free_slots": engine.free_slots})
+
+    async def _device_answers(self) -> bool:
+        """Run a tiny operation on the model's device between steps; at most once a second."""
+        now = asyncio.get_running_loop().time()
+        if now - self._device_checked_at < 1.0:
+            return self._device_ok
+        self._device_checked_at = now
+        try:
+            self._device_ok = await asyncio.wait_for(self.engine.check_device(), 2.0)
+        except Exception:  # noqa: BLE001 - a timeout or an error both mean "not usable now"
+            self._device_ok = False
+        return self._device_ok
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def status(self, request: web.Request) -> web.Response:
         if not self.engine.ready:
@@ -173,6 +232,7 @@ class SignalingService:
         info = self.engine.info
         return web.json_response({
             "ready": True,
+            "auth": self.config.api_token is not None,
             "model": info.name,
             "kind": info.kind,
             "test_model": info.is_test_model,

@@ -90,14 +90,23 @@ async def test_a_full_engine_answers_503_with_retry_after_and_frees_at_once():
     await stop_server(server)
 
 
-async def test_healthz_is_503_until_warm_and_the_page_is_served():
+async def test_alive_at_once_ready_when_warm_with_a_slot_free_and_the_page_is_served():
     server = await start_server(create_engine(ModelSource("tiny"), max_calls=1), start_engine=False)
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{server.url}/healthz") as response:
-            assert response.status == 503
+            assert response.status == 200 and (await response.json())["alive"] is True
+        async with http.get(f"{server.url}/readyz") as response:
+            assert response.status == 503 and "warming up" in (await response.json())["reason"]
         async with http.post(f"{server.url}/offer", json={"sdp": (await make_offer())[1], "type": "offer"}) as r:
             assert r.status == 503 and "not ready" in (await r.json())["error"]
         await server.engine.start()
+        async with http.get(f"{server.url}/readyz") as response:
+            assert response.status == 200 and (await response.json())["free_slots"] == 1
+        call = await server.engine.open_call()  # the only slot taken: alive, but not ready for another call
+        server.service._device_checked_at = 0.0
+        async with http.get(f"{server.url}/readyz") as response:
+            assert response.status == 503 and "all 1 call slots are busy" in (await response.json())["reason"]
+        await call.close()
         async with http.get(f"{server.url}/healthz") as response:
             assert response.status == 200
         async with http.get(f"{server.url}/status") as response:

@@ -136,8 +136,8 @@ async def test_an_out_of_range_lm_token_fails_its_call_only_and_is_counted(traff
     original = stepper._generate
     steps = {"n": 0}
 
-    def corrupt(user_codes, rows, outputs):
-        tokens = original(user_codes, rows, outputs)
+    def corrupt(user_codes, rows, prompt_rows, outputs):
+        tokens = original(user_codes, rows, prompt_rows, outputs)
         steps["n"] += int(rows[0])
         if steps["n"] == 5 and rows[0]:
             tokens[0, 2] = card + 5  # slot 0, audio codebook channel 2
@@ -207,8 +207,8 @@ async def test_ungenerated_rows_are_skipped_not_clamped(traffic, monkeypatch):
     original = stepper._generate
     steps = {"n": 0}
 
-    def unmark(user_codes, rows, outputs):
-        tokens = original(user_codes, rows, outputs)
+    def unmark(user_codes, rows, prompt_rows, outputs):
+        tokens = original(user_codes, rows, prompt_rows, outputs)
         steps["n"] += 1
         if steps["n"] == 6:
             tokens[0, 1:] = -2  # as if this row's audio were not generated

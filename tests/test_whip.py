@@ -119,7 +119,7 @@ async def test_whip_call_with_trickled_candidates_and_the_text_channel():
 
 
 async def test_whip_refuses_the_wrong_content_type_and_a_missing_or_wrong_token():
-    server = await start_server(create_engine(ModelSource("echo"), max_calls=1), SignalingConfig(whip_token="t0ken"))
+    server = await start_server(create_engine(ModelSource("echo"), max_calls=1), SignalingConfig(api_token="t0ken"))
     client = WhipClient(server.url)
     sdp = await client.offer_sdp()
     async with aiohttp.ClientSession() as http:

@@ -1,0 +1,117 @@
+"""Prometheus metrics for operators: `GET /metrics`, one registry per service.
+
+Counters and histograms are fed as things happen (calls from the signaling
+side, frames from each call's player, steps from the engine's thread);
+totals the engine already keeps (dropped input frames, steps) are read at
+scrape time. See docs/OPERATIONS.md for what each one means.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from server.engine import Engine
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+METRICS_KEY: web.AppKey[ServiceMetrics] = web.AppKey("metrics")
+LEVEL_BUCKETS = (-90, -70, -60, -50, -40, -30, -20, -10, -3, 0)
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
+DELAY_BUCKETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+
+
+def dbfs(rms: float) -> float:
+    return 20 * math.log10(rms) if rms > 1e-5 else -100.0
+
+
+class _EngineTotals(Collector):
+    """Read at scrape time: what the engine and the live calls count themselves."""
+
+    def __init__(self, engine: Callable[[], Engine], live_output_dropped_s: Callable[[], float],
+                 ended_output_dropped_s: Callable[[], float]):
+        self.engine = engine
+        self.live_output_dropped_s = live_output_dropped_s
+        self.ended_output_dropped_s = ended_output_dropped_s
+
+    def collect(self) -> Iterable:
+        engine = self.engine()
+        stats = engine.stats
+        yield CounterMetricFamily("moshi_input_frames_dropped", "Caller frames dropped because the model fell "
+                                  "behind (bounded delay)", value=stats.frames_dropped)
+        dropped_s = self.ended_output_dropped_s() + self.live_output_dropped_s()
+        yield CounterMetricFamily("moshi_output_dropped_seconds", "Model audio dropped before sending, to keep "
+                                  "the delay bounded", value=dropped_s)
+        yield CounterMetricFamily("moshi_engine_steps", "Batched model steps", value=stats.steps)
+        yield CounterMetricFamily("moshi_engine_prompt_steps", "Slot steps spent replaying persona prompts",
+                                  value=stats.prompt_steps)
+        yield CounterMetricFamily("moshi_token_errors", "Out-of-range tokens caught (each ends its call)",
+                                  value=stats.token_errors)
+        free = engine.free_slots if engine.ready else 0
+        yield GaugeMetricFamily("moshi_call_slots_free", "Call slots free now", value=free)
+        yield GaugeMetricFamily("moshi_engine_ready", "1 when warm and the device is usable",
+                                value=1.0 if engine.ready and engine.fatal is None else 0.0)
+
+
+class ServiceMetrics:
+    """The service's metrics; CallSession reports to it through the `call_*` methods."""
+
+    def __init__(self, engine: Callable[[], Engine], live_sessions: Callable[[], Iterable]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.calls_active = Gauge("moshi_calls_active", "Calls in progress", registry=r)
+        self.calls_started = Counter("moshi_calls_started", "Calls answered", registry=r)
+        self.calls_ended = Counter("moshi_calls_ended", "Calls ended, by reason", ["reason"], registry=r)
+        self.calls_rejected = Counter("moshi_calls_rejected", "Offers refused, by reason", ["reason"], registry=r)
+        self.calls_connected = Counter("moshi_calls_connected", "Calls whose media connected, by path "
+                                       "(relay: through TURN; direct: host or server-reflexive)", ["path"], registry=r)
+        self.step_seconds = Histogram("moshi_engine_step_seconds", "Duration of one batched model step",
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.input_level = Histogram("moshi_input_level_dbfs", "RMS level of each 80 ms frame from callers",
+                                     buckets=LEVEL_BUCKETS, registry=r)
+        self.output_level = Histogram("moshi_output_level_dbfs", "RMS level of each 80 ms frame of the model's audio",
+                                      buckets=LEVEL_BUCKETS, registry=r)
+        self.mouth_to_ear = Histogram(
+            "moshi_mouth_to_ear_estimate_seconds",
+            "Per frame: mean framing wait + engine time + outbound queue + the model's frame of delay + RTT "
+            "(the two jitter buffers, ~0.18 s on loopback, are not visible to the server)",
+            buckets=DELAY_BUCKETS, registry=r)
+        self._ended_output_dropped_s = 0.0
+        self._live_sessions = live_sessions
+        r.register(_EngineTotals(engine, self._live_output_dropped_s, lambda: self._ended_output_dropped_s))
+
+    def _live_output_dropped_s(self) -> float:
+        return sum(s.outbound.samples_dropped / s.outbound.sample_rate for s in self._live_sessions())
+
+    def engine_step(self, seconds: float, rows: int) -> None:
+        """Called on the engine's inference thread (prometheus_client is thread-safe)."""
+        self.step_seconds.observe(seconds)
+
+    # -- from CallSession ----------------------------------------------------------------------------
+
+    def call_started(self) -> None:
+        self.calls_started.inc()
+        self.calls_active.inc()
+
+    def call_connected(self, path: str) -> None:
+        self.calls_connected.labels(path).inc()
+
+    def call_frame(self, input_rms: float, output_rms: float, mouth_to_ear_s: float) -> None:
+        self.input_level.observe(dbfs(input_rms))
+        self.output_level.observe(dbfs(output_rms))
+        self.mouth_to_ear.observe(mouth_to_ear_s)
+
+    def call_ended(self, kind: str, output_dropped_s: float) -> None:
+        self.calls_active.dec()
+        self.calls_ended.labels(kind).inc()
+        self._ended_output_dropped_s += output_dropped_s
+
+    def rejected(self, reason: str) -> None:
+        self.calls_rejected.labels(reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,136 @@
+"""One bad slot or one bad frame must not take everyone down; a dead device must be said, not hidden.
+
+Faults that a healthy test machine cannot produce (an exception inside one
+slot's model step, a CUDA error) are injected by wrapping the stepper; all
+else is real: the tiny model, real aiortc callers, the real signaling app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import numpy as np
+import pytest
+import torch
+from conftest import noise_frames, start_server, stop_server
+
+from server.caller import place_call
+from server.engine import DeviceFailed, EngineNotReady, is_device_fatal
+from server.engine_setup import create_engine
+from server.model_source import ModelSource
+from server.moshi_step import GREEDY
+
+
+def fail_slot_decode(stepper, slot: int, after: int = 3):
+    """Make Mimi's decode raise whenever `slot` is among the rows decoded, from the `after`-th time on."""
+    original = stepper._decode
+    seen = {"n": 0}
+
+    def decode(codes, rows):
+        if rows[slot]:
+            seen["n"] += 1
+            if seen["n"] >= after:
+                raise RuntimeError(f"injected fault in slot {slot}")
+        return original(codes, rows)
+
+    stepper._decode = decode
+
+
+async def test_an_exception_in_one_slot_ends_that_call_only():
+    engine = create_engine(ModelSource("tiny"), max_calls=3, sampling=GREEDY)
+    await engine.start()
+    alone = []
+    call = await engine.open_call(seed=1)
+    for frame in noise_frames(1, 12):
+        alone.append(await call.process(frame))
+    await call.close()
+
+    calls = [await engine.open_call(seed=1) for _ in range(3)]
+    fail_slot_decode(engine.stepper, calls[1].slot)
+    results: list[list] = [[], [], []]
+    errors: list[BaseException | None] = [None, None, None]
+    for frame in noise_frames(1, 12):
+        futures = []
+        for i, c in enumerate(calls):
+            try:
+                futures.append(c.submit(frame))
+            except Exception as exc:  # noqa: BLE001 - the failed call refuses further frames
+                errors[i] = errors[i] or exc
+                futures.append(None)
+        for i, future in enumerate(futures):
+            if future is None:
+                continue
+            try:
+                results[i].append(await future)
+            except Exception as exc:  # noqa: BLE001
+                errors[i] = errors[i] or exc
+    for c in calls:
+        await c.close()
+    await engine.stop()
+
+    assert errors[0] is None and errors[2] is None
+    assert "injected fault in slot 1" in str(errors[1]) and calls[1].error is not None
+    # The neighbours got every frame, and apart from the one frame the failed step made them hear
+    # twice, exactly what a call alone gets.
+    for i in (0, 2):
+        assert len(results[i]) == 12
+        assert [r.text for r in results[i][:3]] == [r.text for r in alone[:3]]
+        assert sum(not r.silent for r in results[i]) == sum(not r.silent for r in alone)
+
+
+async def test_a_failed_slot_ends_its_call_with_an_error_event_and_the_other_call_goes_on(tiny_server):
+    stepper = tiny_server.engine.stepper
+    first = asyncio.ensure_future(place_call(tiny_server.url, np.zeros(48000 * 3, np.float32) + 0.05, tail_s=0.5))
+    while not tiny_server.service.sessions:
+        await asyncio.sleep(0.01)
+    doomed_slot = 1 - next(iter(tiny_server.service.sessions.values())).call.slot
+    fail_slot_decode(stepper, doomed_slot)
+    second = await place_call(tiny_server.url, np.zeros(48000 * 2, np.float32) + 0.05, tail_s=0.5)
+    survivor = await first
+    errors = [e for e in second.events if e["type"] == "error"]
+    assert errors and "injected fault in slot" in errors[0]["reason"]
+    assert second.end_reason.startswith("engine error: injected fault")
+    assert survivor.end_reason in (None, "hung up") and not [e for e in survivor.events if e["type"] == "error"]
+    assert len(survivor.audio) / 24000 > 2.5  # the whole call came back
+
+
+async def test_a_device_error_is_fatal_it_ends_every_call_and_health_fails():
+    engine = create_engine(ModelSource("tiny"), max_calls=2, sampling=GREEDY, cpu_threads=1, max_backlog_frames=25)
+    server = await start_server(engine)
+    original = engine.stepper.step
+    steps = {"n": 0}
+
+    def step(frames, rows, prompts=None):
+        steps["n"] += 1
+        if steps["n"] == 20:
+            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        return original(frames, rows, prompts)
+
+    engine.stepper.step = step
+    fatal_seen = asyncio.Event()
+    engine.fatal_listeners.append(lambda exc: fatal_seen.set())
+    calls = [asyncio.ensure_future(place_call(server.url, np.zeros(48000 * 4, np.float32) + 0.05, tail_s=0))
+             for _ in range(2)]
+    recordings = await asyncio.gather(*calls)
+    await asyncio.wait_for(fatal_seen.wait(), 5)
+    for recording in recordings:
+        reasons = [e["reason"] for e in recording.events if e["type"] == "error"]
+        assert reasons and "the model's device failed" in reasons[0] and "must restart" in reasons[0]
+    assert isinstance(engine.fatal, DeviceFailed)
+    async with aiohttp.ClientSession() as http:
+        for path in ("/healthz", "/readyz"):
+            async with http.get(server.url + path) as response:
+                assert response.status == 503
+                assert "device failed" in (await response.json())["reason"]
+    with pytest.raises(EngineNotReady, match="device failed"):
+        await engine.open_call()
+    assert not server.service.sessions
+    await stop_server(server)
+
+
+def test_what_counts_as_a_fatal_device_error():
+    assert is_device_fatal(torch.AcceleratorError("CUDA error: device-side assert triggered"))
+    assert is_device_fatal(RuntimeError("CUDA error: out of memory"))
+    assert not is_device_fatal(RuntimeError("injected fault in slot 1"))
+    assert not is_device_fatal(ValueError("CUDA error in a message from a user"))
