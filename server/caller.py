@@ -109,6 +109,7 @@ async def place_call(
     silence_after: bool = True,
     http: aiohttp.ClientSession | None = None,
     persona: dict | None = None,
+    token: str | None = None,
 ) -> CallRecording:
     """Call `url` (the server's base URL), stream `audio` in real time, record the reply.
 
@@ -118,15 +119,17 @@ async def place_call(
     connection, as a caller who vanishes would. `silence_after`: keep sending silence
     once the audio is out (as an open microphone does), or stop sending.
     `persona`: {"prompt": ..., "voice": ...} for a model that takes one.
+    `token`: the server's API token, sent as `Authorization: Bearer`.
     """
     if http is None:
         async with aiohttp.ClientSession() as own_http:
             return await place_call(url, audio, rate=rate, tail_s=tail_s, events=events, ice=ice,
                                     relay_only=relay_only, hang_up=hang_up, silence_after=silence_after,
-                                    http=own_http, persona=persona)
+                                    http=own_http, persona=persona, token=token)
     recording = CallRecording()
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
     if ice is None:
-        async with http.get(f"{url}/ice-servers") as response:
+        async with http.get(f"{url}/ice-servers", headers=auth) as response:
             servers = (await response.json())["iceServers"] if response.status == 200 else []
         ice = IceConfig(tuple(IceServer.from_json(server) for server in servers))
     ice = dataclasses.replace(ice, relay_only=relay_only)
@@ -173,7 +176,7 @@ async def place_call(
         offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
         if persona is not None:
             offer["persona"] = persona
-        async with http.post(f"{url}/offer", json=offer) as response:
+        async with http.post(f"{url}/offer", json=offer, headers=auth) as response:
             body = await response.json()
             if response.status != 200:
                 raise CallRefused(response.status, body.get("error", ""), response.headers.get("Retry-After"))
@@ -188,7 +191,7 @@ async def place_call(
         connected_at = time.monotonic()
         await asyncio.sleep(len(audio) / rate + tail_s)  # the call lasts as long as the audio, plus a tail
         if hang_up == "delete":
-            async with http.delete(f"{url}/sessions/{recording.session_id}") as response:
+            async with http.delete(f"{url}/sessions/{recording.session_id}", headers=auth) as response:
                 await response.read()
         if recording.first_voiced_at is not None:
             recording.first_audio_ms = 1000 * (recording.first_voiced_at - connected_at)

@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--relay", action="store_true", help="use TURN relay candidates only")
     call.add_argument("--prompt", help="persona text prompt (PersonaPlex-style models)")
     call.add_argument("--voice", help="persona voice, one of the server's (GET /personas)")
+    call.add_argument("--token", default=os.environ.get(API_TOKEN_ENV), help="the server's API token, if it has one")
     call.add_argument("--log-level", default="WARNING")
     return parser
 
@@ -260,7 +261,7 @@ async def call(args: argparse.Namespace) -> int:
     ice = IceConfig(tuple(parse_ice_server(url) for url in args.ice_server)) if args.ice_server else None
     try:
         recording = await place_call(args.url.rstrip("/"), audio, tail_s=args.tail, ice=ice, relay_only=args.relay,
-                                     persona=persona or None)
+                                     persona=persona or None, token=args.token)
     except CallRefused as refused:
         print(f"the server refused the call: {refused}", file=sys.stderr)
         return 2

@@ -58,7 +58,9 @@ async def test_ice_servers_hand_out_short_lived_credentials_never_the_secret(cot
 async def test_a_relay_only_call_carries_audio_both_ways_through_coturn(coturn):
     server = await start_server(create_engine(ModelSource("echo"), max_calls=1), SignalingConfig(ice=relay_ice(coturn)))
     recording = await place_call(server.url, tone(440, 2.0), tail_s=0.5, relay_only=True)  # ICE from /ice-servers
+    metrics = server.service.metrics.render().decode()
     await stop_server(server)
+    assert 'moshi_calls_connected_total{path="relay"} 1.0' in metrics  # operators see relay vs direct
     reply = recording.audio
     voiced = reply[np.abs(reply) > 0.02]
     assert voiced.size > 24000 and dbfs(voiced) == pytest.approx(-20, abs=3)  # it went there and came back
