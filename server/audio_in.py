@@ -5,6 +5,9 @@ nothing here assumes it: every frame goes through PyAV's resampler, whatever
 its format, layout and rate, and a new resampler is made when those change
 mid-call. The output is cut into exact engine frames (1920 samples, 80 ms).
 int16 never reaches the engine: the resampler converts to float in [-1, 1].
+A float source can carry NaN, infinities or samples past full scale: they
+become silence and are clipped here (counted), so nothing but finite samples
+in [-1, 1] reaches the model.
 
 Channels are averaged here rather than by the resampler: FFmpeg's stereo to
 mono downmix sums the channels at -3 dB each, so the identical-channel stereo
@@ -26,6 +29,7 @@ class InboundAudio:
         self._resampler: av.AudioResampler | None = None
         self._source: tuple[str, str, int] | None = None
         self._pending = np.zeros(0, dtype=np.float32)
+        self.samples_repaired = 0  # NaN, infinite or past full scale, as sent
 
     def _resampler_for(self, frame: av.AudioFrame) -> av.AudioResampler:
         source = (frame.format.name, frame.layout.name, frame.sample_rate)
@@ -38,13 +42,19 @@ class InboundAudio:
         """Resample one frame; return the whole engine frames now complete (often none)."""
         pieces = [self._pending]
         for out in self._resampler_for(frame).resample(frame):
-            planes = out.to_ndarray()  # [channels, samples], planar float
-            pieces.append(planes.mean(axis=0, dtype=np.float32) if planes.shape[0] > 1 else planes[0])
-        samples = np.concatenate(pieces)
+            pieces.append(_mono(out.to_ndarray()))  # [channels, samples], planar float
+        samples = self._repaired(np.concatenate(pieces))
         whole = len(samples) // self.frame_size
         cut = whole * self.frame_size
         self._pending = samples[cut:].copy()
         return [samples[i : i + self.frame_size].copy() for i in range(0, cut, self.frame_size)]
+
+    def _repaired(self, samples: np.ndarray) -> np.ndarray:
+        bad = ~np.isfinite(samples) | (np.abs(samples) > 1.0)
+        if not bad.any():
+            return samples
+        self.samples_repaired += int(bad.sum())
+        return np.clip(np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0).astype(np.float32)
 
     @property
     def buffered_samples(self) -> int:
@@ -55,10 +65,17 @@ class InboundAudio:
         pieces = [self._pending]
         if self._resampler is not None:
             for out in self._resampler.resample(None):
-                planes = out.to_ndarray()
-                pieces.append(planes.mean(axis=0, dtype=np.float32) if planes.shape[0] > 1 else planes[0])
+                pieces.append(_mono(out.to_ndarray()))
         self._pending = np.zeros(0, dtype=np.float32)
-        return np.concatenate(pieces)
+        return self._repaired(np.concatenate(pieces))
+
+
+def _mono(planes: np.ndarray) -> np.ndarray:
+    """Average the channels; NaN and infinities pass quietly here and are repaired after."""
+    if planes.shape[0] == 1 or planes.shape[1] == 0:
+        return planes[0].astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        return planes.mean(axis=0, dtype=np.float32)
 
 
 def read_audio_file(path: str, sample_rate: int = 24000) -> np.ndarray:

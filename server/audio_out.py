@@ -68,10 +68,15 @@ class OutboundAudioTrack(MediaStreamTrack):
         return self._buffered
 
     def push(self, audio: np.ndarray) -> None:
-        """Queue float32 mono samples in [-1, 1] at the track's rate; drops the oldest past the bound."""
+        """Queue float32 mono samples in [-1, 1] at the track's rate; drops the oldest past the bound.
+        NaN and infinite samples become silence and the rest is clipped: a listener never gets noise bursts
+        from a cast of NaN to int16."""
         if audio.size == 0:
             return
-        self._chunks.append(np.asarray(audio, dtype=np.float32).reshape(-1))
+        samples = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if not np.isfinite(samples).all() or np.abs(samples).max() > 1.0:
+            samples = np.clip(np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)
+        self._chunks.append(samples)
         self._buffered += audio.size
         self._drop_oldest(self._buffered - self.max_buffer_samples)
 

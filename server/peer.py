@@ -309,7 +309,7 @@ class CallSession:
             await asyncio.wait(tasks, timeout=1.0)  # they also stop by themselves on the next frame
         await self.call.close()
         self.outbound.stop()
-        await self.pc.close()
+        await _close_peer(self.pc)
         self.ended.set()
         if self._counted and self.observer is not None:
             self.observer.call_ended(kind, self.outbound.samples_dropped / self.outbound.sample_rate)
@@ -346,3 +346,25 @@ class CallSession:
                 if self.stats.first_model_audio_at and self.stats.answered_at else None
             ),
         }
+
+
+async def _close_peer(pc: RTCPeerConnection) -> None:
+    """Close a peer connection, even one a malformed offer left half made (aiortc's close() can raise
+    then): whatever close() did not reach is stopped one transport at a time, so no socket is left open."""
+    try:
+        await pc.close()
+        return
+    except Exception as exc:  # noqa: BLE001 - found by fuzzing: an offer missing an a=mid line
+        log.warning("peer connection close failed (%s: %s); stopping its transports one by one",
+                    type(exc).__name__, exc)
+    transports = [t.receiver.transport for t in pc.getTransceivers()]
+    if pc.sctp is not None:
+        transports.append(pc.sctp.transport)
+    for dtls in transports:
+        for transport in (dtls, getattr(dtls, "transport", None)):
+            if transport is None:
+                continue
+            try:
+                await transport.stop()
+            except Exception:  # noqa: BLE001, S112 - best effort on a broken peer
+                continue

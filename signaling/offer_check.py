@@ -63,6 +63,9 @@ def check_offer_sdp(sdp: str) -> None:
         description = SessionDescription.parse(sdp)
     except Exception as exc:
         raise OfferRejected(400, f"the SDP does not parse: {type(exc).__name__}: {exc}") from None
+    unnamed = [media.kind for media in description.media if not media.rtp.muxId]
+    if unnamed:
+        raise OfferRejected(400, f"every media section needs an a=mid line; the {unnamed[0]} section has none")
     audio = [media for media in description.media if media.kind == "audio"]
     if not audio:
         kinds = ", ".join(media.kind for media in description.media) or "nothing"

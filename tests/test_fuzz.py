@@ -1,0 +1,222 @@
+"""Property-based tests (hypothesis): whatever a client sends, a 4xx or a call, never a 5xx or a crash;
+whatever audio arrives, only finite samples in [-1, 1] reach the model or a listener.
+
+Thousands of cases in all; the HTTP cases run against the real app on loopback with the echo engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+from aiortc import RTCPeerConnection
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from server.audio_in import InboundAudio
+from server.audio_out import OutboundAudioTrack
+from server.engine import check_frame
+from server.engine_setup import create_engine
+from server.model_source import ModelSource
+from signaling.app import SignalingConfig
+from signaling.offer_check import OfferRejected, check_offer_sdp, parse_offer_json
+
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _valid_offer() -> str:
+    async def make() -> str:
+        pc = RTCPeerConnection()
+        pc.addTransceiver("audio", direction="sendrecv")
+        pc.createDataChannel("events")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+
+    return asyncio.run(make())
+
+
+OFFER = _valid_offer()
+LINES = OFFER.splitlines()
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@st.composite
+def mutated_sdp(draw) -> str:
+    """The valid offer with lines dropped, duplicated, cut or rewritten, or random text."""
+    kind = draw(st.sampled_from(["drop", "duplicate", "cut", "rewrite", "garbage", "truncate"]))
+    lines = list(LINES)
+    index = draw(st.integers(0, len(lines) - 1))
+    if kind == "drop":
+        del lines[index]
+    elif kind == "duplicate":
+        lines.insert(index, lines[index])
+    elif kind == "cut":
+        lines[index] = lines[index][: draw(st.integers(0, len(lines[index])))]
+    elif kind == "rewrite":
+        line = lines[index]
+        position = draw(st.integers(0, max(0, len(line) - 1)))
+        lines[index] = line[:position] + draw(st.text(min_size=1, max_size=8)) + line[position + 1:]
+    elif kind == "garbage":
+        return draw(st.text(max_size=300))
+    else:
+        return OFFER[: draw(st.integers(0, len(OFFER)))]
+    return "\r\n".join(lines) + "\r\n"
+
+
+offer_bodies = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["offer", "answer", "", 3]), "sdp": mutated_sdp() | json_values},
+        optional={"persona": json_values},
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+@settings(FUZZ, max_examples=2000)
+@given(body=offer_bodies, content_type=st.sampled_from(["application/json", "text/plain", "", "application/sdp"]))
+def test_parsing_an_offer_body_gives_an_offer_or_a_4xx(body, content_type):
+    try:
+        offer = parse_offer_json(body, content_type)
+    except OfferRejected as rejected:
+        assert 400 <= rejected.status < 500 and rejected.message
+    else:
+        assert offer.description.type == "offer" and offer.description.sdp.lstrip().startswith("v=0")
+
+
+@settings(FUZZ, max_examples=2000)
+@given(sdp=mutated_sdp())
+def test_checking_a_whip_sdp_gives_ok_or_a_4xx(sdp):
+    try:
+        check_offer_sdp(sdp)
+    except OfferRejected as rejected:
+        assert 400 <= rejected.status < 500
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    """The real app on loopback (echo engine), on a loop of its own that sync hypothesis tests drive."""
+    from conftest import start_server, stop_server
+
+    from server.ice import use_host_addresses
+
+    use_host_addresses(["127.0.0.1"])
+    loop = asyncio.new_event_loop()
+    config = SignalingConfig(media_timeout_s=2.0, max_offers_per_minute=0)
+    server = loop.run_until_complete(start_server(create_engine(ModelSource("echo"), max_calls=4), config))
+    http = loop.run_until_complete(_client())
+    yield loop, server, http
+    loop.run_until_complete(http.close())
+    loop.run_until_complete(stop_server(server))
+    loop.close()
+    use_host_addresses(None)
+
+
+async def _client() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession()
+
+
+async def _post(server, http, path: str, body: bytes, content_type: str) -> int:
+    async with http.post(server.url + path, data=body, headers={"Content-Type": content_type}) as response:
+        status = response.status
+        await response.read()
+        location = response.headers.get("Location")
+        if status == 200:
+            session_id = (json.loads(await response.read()))["session_id"]
+            await server.service.sessions[session_id].hang_up("fuzz case done")
+        elif status == 201 and location:
+            await server.service.sessions[location.rsplit("/", 1)[1]].hang_up("fuzz case done")
+    return status
+
+
+@settings(FUZZ, max_examples=300)
+@given(body=offer_bodies)
+def test_the_offer_endpoint_never_answers_5xx(http_server, body):
+    loop, server, http = http_server
+    status = loop.run_until_complete(_post(server, http, "/offer", body, "application/json"))
+    assert status < 500, (status, body[:200])
+    assert server.engine.free_slots == 4 and not server.service.sessions
+
+
+@settings(FUZZ, max_examples=300)
+@given(sdp=mutated_sdp(), query=st.dictionaries(st.sampled_from(["prompt", "voice", "x"]), st.text(max_size=20)))
+def test_the_whip_endpoint_never_answers_5xx(http_server, sdp, query):
+    loop, server, http = http_server
+    path = "/whip?" + "&".join(f"{k}={re.sub(r'[^A-Za-z0-9]', '', v)}" for k, v in query.items())
+    status = loop.run_until_complete(_post(server, http, path, sdp.encode(), "application/sdp"))
+    assert status < 500, (status, sdp[:200])
+    assert server.engine.free_slots == 4 and not server.service.sessions
+
+
+# -- the inbound and outbound audio paths -----------------------------------------------------------
+
+FORMATS = {"s16": np.int16, "s16p": np.int16, "s32": np.int32, "flt": np.float32, "fltp": np.float32,
+           "dbl": np.float64}
+RATES = [8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 96000]
+
+special = st.sampled_from([np.nan, np.inf, -np.inf, 0.0, 1.0, -1.0, 1e6, -1e-30])
+
+
+@st.composite
+def audio_frames(draw) -> av.AudioFrame:
+    fmt = draw(st.sampled_from(sorted(FORMATS)))
+    layout = draw(st.sampled_from(["mono", "stereo"]))
+    rate = draw(st.sampled_from(RATES))
+    count = draw(st.integers(1, 3000))
+    channels = 1 if layout == "mono" else 2
+    kind = draw(st.sampled_from(["silence", "noise", "full_scale", "specials"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if kind == "silence":
+        data = np.zeros((channels, count))
+    elif kind == "noise":
+        data = rng.uniform(-0.5, 0.5, (channels, count))
+    elif kind == "full_scale":
+        data = rng.choice([-1.0, 1.0], (channels, count))
+    else:
+        data = rng.uniform(-1, 1, (channels, count))
+        for _ in range(draw(st.integers(1, 5))):
+            data[rng.integers(channels), rng.integers(count)] = draw(special)
+    dtype = FORMATS[fmt]
+    if np.issubdtype(dtype, np.integer):
+        data = np.clip(np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0), -1, 1) * np.iinfo(dtype).max
+    data = data.astype(dtype)
+    planar = fmt.endswith("p") or fmt == "fltp"
+    array = data if planar else data.T.reshape(1, -1)
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(array), format=fmt, layout=layout)
+    frame.sample_rate = rate
+    return frame
+
+
+@settings(FUZZ, max_examples=1500)
+@given(frames=st.lists(audio_frames(), min_size=1, max_size=6))
+def test_any_inbound_audio_reaches_the_model_as_finite_frames_in_range(frames):
+    inbound = InboundAudio(sample_rate=24000, frame_size=1920)
+    for frame in frames:  # format, layout and rate may change from frame to frame
+        for out in inbound.push(frame):
+            assert out.shape == (1920,) and out.dtype == np.float32
+            assert np.isfinite(out).all() and np.abs(out).max() <= 1.0
+            check_frame(out, 1920)  # what the engine itself requires, or it refuses the frame
+
+
+@settings(FUZZ, max_examples=500)
+@given(audio=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=1, max_size=2000))
+def test_no_nan_or_overflow_reaches_a_listener(audio):
+    track = OutboundAudioTrack(sample_rate=24000, max_buffer_ms=2000)
+    samples = np.array(audio, dtype=np.float32)
+    track.push(samples)
+    sent = np.concatenate(list(track._chunks))
+    assert np.isfinite(sent).all() and np.abs(sent).max() <= 1.0
+    bad = ~np.isfinite(samples)
+    assert (sent[bad] == 0).all()  # NaN and infinities become silence, not a full-scale click
