@@ -22,6 +22,10 @@ RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --upgrade pip && /opt
 ENV PATH=/opt/venv/bin:$PATH MOSHI_WEBRTC_WEB_DIR=/app/web
 
 EXPOSE 8080/tcp
+# Alive = the process can still use its GPU. After a CUDA error /healthz answers 503 and the server
+# exits with status 70 on its own; either way the container's restart policy brings it back.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10m --retries=3 \
+    CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"
 # --model auto serves kyutai/moshiko-pytorch-bf16 when a GPU is visible (weights come from the
 # Hugging Face cache or hub), and the tiny test model, loudly labelled, when none is.
 ENTRYPOINT ["moshi-webrtc", "serve", "--host", "0.0.0.0", "--port", "8080"]

@@ -152,8 +152,13 @@ async def run(model: str, calls: int, concurrency: int, warmup: int) -> dict:
     before = census(service)
     ended_before = ended_by_reason(service)
     started = time.monotonic()
-    outcomes = await soak(url, calls, concurrency)
-    await settle(service)
+    outcomes: dict[str, int] = {}
+    rss_curve = []
+    for done in range(0, calls, 100):  # in chunks, to see whether memory keeps growing or levels off
+        for outcome, count in (await soak(url, min(100, calls - done), concurrency)).items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + count
+        await settle(service)
+        rss_curve.append(round(rss_mib(), 1))
     after = census(service)
     elapsed = time.monotonic() - started
     ended = {reason: count - ended_before.get(reason, 0) for reason, count in ended_by_reason(service).items()}
@@ -169,6 +174,7 @@ async def run(model: str, calls: int, concurrency: int, warmup: int) -> dict:
         "before": before,
         "after": after,
         "rss_growth_mib": round(after["rss_mib"] - before["rss_mib"], 1),
+        "rss_mib_every_100_calls": rss_curve,
     }
 
 

@@ -134,6 +134,30 @@ async def test_the_page_calls_with_the_persona_typed_and_picked(tmp_path):
     await stop_server(server)
 
 
+async def test_the_page_sends_the_token_from_its_address(tmp_path):
+    from conftest import start_server, stop_server
+    from playwright.async_api import async_playwright
+
+    from server.engine_setup import create_engine
+    from server.model_source import ModelSource
+    from signaling.app import SignalingConfig
+
+    voice_wav(tmp_path / "mic.wav", seconds=3)
+    server = await start_server(create_engine(ModelSource("echo"), max_calls=1), SignalingConfig(api_token="s3cret"))
+    async with async_playwright() as playwright:
+        browser = await launch_chromium(playwright, tmp_path / "mic.wav")
+        page = await browser.new_page()
+        await page.goto(server.url)
+        await page.wait_for_function("document.getElementById('message').textContent.includes('access token')")
+        assert await page.is_disabled("#call")
+        page = await press_call(browser, server.url + "/#token=s3cret")
+        await page.wait_for_function("document.getElementById('stat-state').textContent === 'connected'")
+        await page.wait_for_function("(window.moshiCall.lastStats || {}).audioEnergy > 0.01", timeout=10_000)
+        await page.click("#hangup")
+        await browser.close()
+    await stop_server(server)
+
+
 async def test_the_page_says_when_the_line_is_busy(tmp_path):
     from conftest import start_server, stop_server
     from playwright.async_api import async_playwright

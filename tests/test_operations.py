@@ -180,3 +180,19 @@ async def test_a_caller_who_vanishes_is_noticed_within_the_media_timeout(tmp_pat
     assert 1.4 < noticed < 3.5  # the media timeout, not aiortc's ~30 s consent expiry
     assert server.engine.free_slots == 1 and not server.service.sessions
     await stop_server(server)
+
+
+async def test_the_dashboard_plots_only_metrics_the_server_exports(echo_server):
+    import json
+    import re
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "docs" / "grafana-dashboard.json").read_text())
+    plotted = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"moshi_[a-z_]+", target["expr"])}
+    await place_call(echo_server.url, tone(440, 0.5), tail_s=0.2)  # so the labelled series exist
+    async with aiohttp.ClientSession() as http, http.post(f"{echo_server.url}/offer", data=b"{}", headers=JSON):
+        pass
+    exported = set(samples(echo_server.service.metrics.render().decode()).keys())
+    names = {name for name, _ in exported}
+    assert len(plotted) >= 10
+    assert plotted <= names, plotted - names

@@ -1,4 +1,5 @@
 // The page: wires the call to buttons, meters, transcript and statistics.
+import { apiFetch, hasToken } from "./api.js";
 import { Call, CallError } from "./call.js";
 import { LevelMeter } from "./meters.js";
 
@@ -31,7 +32,7 @@ function showModel(status) {
 // A PersonaPlex-style model takes a text prompt and a voice per call; others take none, and the
 // section stays hidden so the page never sends what the model would refuse.
 async function loadPersonas() {
-  const response = await fetch("/personas");
+  const response = await apiFetch("/personas");
   const personas = await response.json();
   if (!personas.takes_persona) return;
   ui.prompt.value = personas.default_prompt;
@@ -58,6 +59,10 @@ async function loadStatus() {
       return;
     }
     showModel(status);
+    if (status.auth && !hasToken()) {
+      say("This server needs an access token: open the link you were given (it ends in #token=…).", true);
+      return;
+    }
     await loadPersonas();
     ui.call.disabled = false;
     say(status.free_slots > 0 ? "Ready. Press Call and start talking." : "The line is busy right now.");

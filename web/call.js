@@ -1,4 +1,5 @@
 // One call to the server: microphone, RTCPeerConnection, the "events" data channel, stats.
+import { apiFetch } from "./api.js";
 // The server does not trickle ICE: we send a complete offer and get a complete answer.
 
 // Echo cancellation stays on: the model must not hear itself. Automatic gain control and noise
@@ -32,7 +33,7 @@ export function describeMicError(error) {
 // whether media must go through the relay.
 async function iceConfig() {
   try {
-    const response = await fetch("/ice-servers", { cache: "no-store" });
+    const response = await apiFetch("/ice-servers", { cache: "no-store" });
     if (response.ok) return await response.json();
   } catch (_) { /* no ICE configuration: host candidates only */ }
   return { iceServers: [], iceTransportPolicy: "all" };
@@ -92,7 +93,7 @@ export class Call extends EventTarget {
       this.close();
       throw new CallError("No TURN relay could be reached: the relay server is down or refused our credentials.");
     }
-    const response = await fetch("/offer", {
+    const response = await apiFetch("/offer", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({
@@ -141,7 +142,7 @@ export class Call extends EventTarget {
     if (this.ended) return;
     this.ended = true;
     if (this.sessionId) {
-      fetch(`/sessions/${this.sessionId}`, { method: "DELETE" }).catch(() => {});
+      apiFetch(`/sessions/${this.sessionId}`, { method: "DELETE" }).catch(() => {});
     }
     this.close();
     this.emit("ended", reason);
