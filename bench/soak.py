@@ -57,7 +57,9 @@ def census(service) -> dict:
     return {
         "rss_mib": round(rss_mib(), 1),
         "fds": len(os.listdir("/proc/self/fd")),
-        "threads": threading.active_count(),
+        # The event loop's default executor keeps a bounded pool of worker threads ("asyncio_N"): not per call.
+        "threads": sum(not t.name.startswith("asyncio_") for t in threading.enumerate()),
+        "executor_threads": sum(t.name.startswith("asyncio_") for t in threading.enumerate()),
         "tasks": len(asyncio.all_tasks()),
         "peer_connections": peers,
         "sessions": len(service.sessions),
