@@ -134,3 +134,25 @@ def test_what_counts_as_a_fatal_device_error():
     assert is_device_fatal(RuntimeError("CUDA error: out of memory"))
     assert not is_device_fatal(RuntimeError("injected fault in slot 1"))
     assert not is_device_fatal(ValueError("CUDA error in a message from a user"))
+
+
+async def test_a_peer_whose_close_fails_still_has_its_transports_stopped(echo_server):
+    """Fuzzing found offers that left aiortc's close() raising; the hang-up then stops what is left."""
+    from aiortc import RTCPeerConnection
+    from conftest import connect
+
+    from server.audio_out import OutboundAudioTrack
+
+    pc = RTCPeerConnection()
+    pc.addTrack(OutboundAudioTrack(sample_rate=48000))
+    session = await connect(echo_server, pc)
+
+    async def broken_close():
+        raise AttributeError("'NoneType' object has no attribute '_unregister_data_receiver'")
+
+    session.pc.close = broken_close
+    await asyncio.wait_for(session.hang_up("test"), 5)
+    ice = [t.receiver.transport.transport for t in session.pc.getTransceivers()]
+    assert ice and all(transport.state == "closed" for transport in ice)
+    assert echo_server.engine.free_slots == 2 and not echo_server.service.sessions
+    await pc.close()
