@@ -216,7 +216,7 @@ async def serve(args: argparse.Namespace) -> int:
             return 1
         log.error("could not load %s (%s); falling back to the tiny test model", model, exc)
         engine = _engine_for(args, "tiny")
-        service.engine = engine
+        service.use_engine(engine)
         await engine.start()
     info = engine.info
     if info.is_test_model:

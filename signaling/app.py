@@ -70,10 +70,10 @@ class SignalingConfig:
 
 class SignalingService:
     def __init__(self, engine: Engine, config: SignalingConfig | None = None):
-        self.engine = engine
         self.config = config or SignalingConfig()
         self.sessions: dict[str, CallSession] = {}
         self.metrics = ServiceMetrics(lambda: self.engine, lambda: list(self.sessions.values()))
+        self.use_engine(engine)
         self._device_checked_at = 0.0
         self._device_ok = True
 
@@ -84,7 +84,6 @@ class SignalingService:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
         app[SERVICE_KEY] = self
         app[METRICS_KEY] = self.metrics
-        self.engine.step_listeners.append(self.metrics.engine_step)
         app.router.add_post("/offer", self.post_offer)
         app.router.add_delete("/sessions/{session_id}", self.delete_session)
         app.router.add_get("/sessions/{session_id}", self.get_session)
@@ -99,6 +98,11 @@ class SignalingService:
         WhipEndpoint(self).add_routes(app)
         app.on_shutdown.append(self._hang_up_all)
         return app
+
+    def use_engine(self, engine: Engine) -> None:
+        """Serve calls from `engine` (the CLI swaps in the tiny model when the real one fails to load)."""
+        self.engine = engine
+        engine.step_listeners.append(self.metrics.engine_step)
 
     # -- calls ---------------------------------------------------------------------------------
 
