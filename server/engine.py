@@ -447,6 +447,8 @@ class Engine:
         except BaseException:
             with self._cond:
                 self._slots[slot] = None
+            if prompt is not None:  # the reset may have run before the cancel: end a prompt nobody hears
+                self._post_op(lambda: self.stepper.end_prompt(slot) if self._slots[slot] is None else None)
             raise
         self.stats.calls_opened += 1
         log.info("call %d opened in slot %d (seed %d)", call.call_id, slot, call.seed)
@@ -461,12 +463,16 @@ class Engine:
             self._pending[call.slot].clear()
         for item in dropped:
             item.future.cancel()
-        if not self._stopping:
-            # Through the thread: once it runs, no step still holds this call's frame or prompt.
-            await self._run_op(lambda: self.stepper.end_prompt(call.slot))
-        with self._cond:
-            if self._slots[call.slot] is call:
-                self._slots[call.slot] = None
+        try:
+            if not self._stopping:
+                # Through the thread: once it runs, no step still holds this call's frame or prompt.
+                await self._run_op(lambda: self.stepper.end_prompt(call.slot))
+        except EngineNotReady:
+            pass  # the engine stopped or died meanwhile: nothing runs on the slot any more
+        finally:
+            with self._cond:
+                if self._slots[call.slot] is call:
+                    self._slots[call.slot] = None
         log.info("call %d closed, slot %d free (%d frames in, %d out, %d silent)", call.call_id, call.slot,
                  call.stats.frames_in, call.stats.frames_out, call.stats.frames_silent)
 
@@ -485,6 +491,13 @@ class Engine:
             self.stats.frames_dropped += 1
             if not old.future.done():
                 old.future.set_exception(FrameDropped(f"call {old.call.call_id}: the model fell behind"))
+
+    def _post_op(self, fn: Callable[[], Any]) -> None:
+        """Queue `fn` for the inference thread without waiting for it."""
+        with self._cond:
+            if not self._stopping:
+                self._ops.append((fn, concurrent.futures.Future()))
+                self._cond.notify()
 
     async def _run_op(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the inference thread between steps and await its result."""
@@ -516,22 +529,37 @@ class Engine:
                     ops = list(self._ops)
                     self._ops.clear()
                     batch = [queue.popleft() for queue in self._pending if queue]
-            for fn, future in ops:
+            try:
+                self._run_ops(ops)
                 if self._stopping:
-                    future.set_exception(EngineNotReady("engine stopped"))
-                    continue
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-                    future.set_exception(exc)
-            if self._stopping:
+                    return
+                prompting = self._prompting()
+                if batch or prompting.any():
+                    self._step(batch, prompting)
+            except Exception as exc:  # noqa: BLE001 - a dead thread must not look like a live engine
+                log.exception("the inference loop failed")
+                self._die(exc)
                 return
-            prompting = self._prompting()
-            if batch or prompting.any():
-                self._step(batch, prompting)
+
+    def _run_ops(self, ops: list[tuple[Callable[[], Any], concurrent.futures.Future]]) -> None:
+        for fn, future in ops:
+            if not future.set_running_or_notify_cancel():
+                continue  # its awaiter gave up (a timed-out readiness probe, a cancelled open_call)
+            if self._stopping:
+                future.set_exception(EngineNotReady("engine stopped"))
+                continue
+            try:
+                result = fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
     def _step(self, batch: list[_PendingFrame], prompting: np.ndarray) -> None:
         stepper = self.stepper
+        for item in [item for item in batch if item.call.error is not None]:
+            batch.remove(item)  # the engine already failed this call: its frames never reach the model again
+            item.loop.call_soon_threadsafe(_fail_future, item.future, item.call.error)
         for item in [item for item in batch if prompting[item.call.slot]]:
             # A slot replaying its prompt does not hear its caller yet: the frame gets silence now.
             batch.remove(item)
@@ -568,9 +596,14 @@ class Engine:
                 self.stats.token_errors += 1
                 log.error("call %d: %s", item.call.call_id, output.error)
             item.loop.call_soon_threadsafe(item.call._deliver, item, output, step_ms)
-        for slot in np.flatnonzero(prompting):
+        self._announce_finished_prompts(prompting)
+
+    def _announce_finished_prompts(self, prompting_before: np.ndarray) -> None:
+        """Slots that were replaying a prompt before this step and no longer are: tell their calls."""
+        finished = prompting_before & ~self.stepper.prompting_rows()
+        for slot in np.flatnonzero(finished):
             call = self._slots[slot]
-            if outputs[slot].prompt_finished and call is not None:
+            if call is not None and call.error is None:
                 call.loop.call_soon_threadsafe(call._finish_prompt)
 
     def _step_one_by_one(
@@ -601,16 +634,25 @@ class Engine:
         log.error("call slot(s) %s failed: %s: %s", list(slots), type(exc).__name__, exc)
         for slot in slots:
             self.stepper.end_prompt(int(slot))
-            for item in [item for item in batch if item.call.slot == slot]:
-                batch.remove(item)
+            with self._cond:
+                waiting = list(self._pending[slot])
+                self._pending[slot].clear()
+                call = self._slots[slot]
+                if call is not None:
+                    call.error = exc  # at once, on this thread: no later frame of it is stepped
+            for item in [item for item in batch if item.call.slot == slot] + waiting:
+                if item in batch:
+                    batch.remove(item)
                 item.loop.call_soon_threadsafe(_fail_future, item.future, exc)
-            if (call := self._slots[slot]) is not None:
+            if call is not None:
                 call.loop.call_soon_threadsafe(call._fail, exc)
 
     def _die(self, exc: BaseException) -> None:
-        """A fatal device error: fail every call and every waiting frame, take no more work."""
-        log.critical("the model's device failed; the engine stops: %s", exc)
-        fatal = DeviceFailed(f"the model's device failed ({type(exc).__name__}: {exc}); the server must restart")
+        """A fatal error (the device, or the inference loop itself): fail every call, every waiting frame
+        and every queued operation, and take no more work."""
+        log.critical("the engine stops: %s: %s", type(exc).__name__, exc)
+        what = "the model's device failed" if is_device_fatal(exc) else "the inference engine failed"
+        fatal = DeviceFailed(f"{what} ({type(exc).__name__}: {exc}); the server must restart")
         with self._cond:
             self.fatal = fatal
             self.ready = False
@@ -619,6 +661,11 @@ class Engine:
             for queue in self._pending:
                 queue.clear()
             calls = [call for call in self._slots if call is not None]
+            ops = list(self._ops)
+            self._ops.clear()
+        for _, future in ops:  # nobody may wait forever on work this thread will not do
+            if future.set_running_or_notify_cancel():
+                future.set_exception(fatal)
         for item in pending:
             item.loop.call_soon_threadsafe(_fail_future, item.future, fatal)
         for call in calls:

@@ -120,6 +120,7 @@ class CallSession:
         self.mouth_to_ear_estimate_s: float | None = None
         self._counted = False
         self._duration_timer: asyncio.TimerHandle | None = None
+        self._no_track_timer: asyncio.TimerHandle | None = None
         self._prompt_watch = asyncio.ensure_future(self._announce_prompt()) if call.prompt is not None else None
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
@@ -145,12 +146,20 @@ class CallSession:
         self.pc.addTrack(self.outbound)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self.stats.answered_at = time.monotonic()
+        if self._reader is None:  # no audio track came with the offer: nothing will ever start the reader
+            self._no_track_timer = asyncio.get_running_loop().call_later(self.media_timeout, self._no_track)
         if self.relay_only and " typ relay" not in self.pc.localDescription.sdp:
             raise RelayUnavailable(
                 "the server got no TURN relay candidate: the TURN server is unreachable or refused "
                 "the server's credentials (check --turn-url and --turn-secret)"
             )
         return self.pc.localDescription
+
+    def _no_track(self) -> None:
+        if self._reader is None and not self._ending:
+            reason = f"no audio track from the caller within {self.media_timeout:g} s"
+            self.send_event({"type": "error", "reason": reason})
+            asyncio.ensure_future(self.hang_up(reason, kind="no_media"))
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind != "audio" or self._reader is not None:
@@ -297,24 +306,28 @@ class CallSession:
         self._ending = True
         self.end_reason = reason
         self.end_kind = kind
-        if self._duration_timer is not None:
-            self._duration_timer.cancel()
-        log.info("session %s: ending (%s)", self.session_id, reason)
-        self.send_event({"type": "bye", "reason": reason})
-        tasks = {t for t in (self._reader, self._player, self._prompt_watch)
-                 if t is not None and t is not asyncio.current_task()}
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=1.0)  # they also stop by themselves on the next frame
-        await self.call.close()
-        self.outbound.stop()
-        await _close_peer(self.pc)
-        self.ended.set()
-        if self._counted and self.observer is not None:
-            self.observer.call_ended(kind, self.outbound.samples_dropped / self.outbound.sample_rate)
-        if self._on_end is not None:
-            self._on_end(self)
+        try:
+            if self._duration_timer is not None:
+                self._duration_timer.cancel()
+            if self._no_track_timer is not None:
+                self._no_track_timer.cancel()
+            log.info("session %s: ending (%s)", self.session_id, reason)
+            self.send_event({"type": "bye", "reason": reason})
+            tasks = {t for t in (self._reader, self._player, self._prompt_watch)
+                     if t is not None and t is not asyncio.current_task()}
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=1.0)  # they also stop by themselves on the next frame
+            await self.call.close()
+        finally:  # whatever failed above, the peer's sockets close and nobody waits forever
+            self.outbound.stop()
+            await _close_peer(self.pc)
+            self.ended.set()
+            if self._counted and self.observer is not None:
+                self.observer.call_ended(kind, self.outbound.samples_dropped / self.outbound.sample_rate)
+            if self._on_end is not None:
+                self._on_end(self)
 
     def summary(self) -> dict:
         call = self.call.stats

@@ -136,18 +136,17 @@ class PersonaStepper(MoshiStepper):
         with self._sampling_noise(executing):
             tokens = self.generator.step(given, embedding, embedding_rows)
         for slot in np.flatnonzero(prompting):
-            self._advance(slot, outputs)
+            self._advance(slot)
         return tokens[:, : 1 + own]
 
-    def _advance(self, slot: int, outputs: list[SlotOutput]) -> None:
+    def _advance(self, slot: int) -> None:
         run = self._runs[slot]
         run.index += 1
         saved = run.plan.embeddings
         if saved is not None and run.index == 1 + len(saved):
             self.generator.load_slot_cache(slot, run.plan.cache_after)
         if run.index == run.plan.steps:
-            outputs[slot].prompt_finished = True
-            self._runs[slot] = None
+            self._runs[slot] = None  # the engine sees the slot stop prompting and tells the call
 
     def record_voice(self, name: str, slot: int = 0) -> PrecomputedVoice:
         """Replay a clip voice in `slot` and keep what PersonaPlex's `.pt` voices hold: the backbone's input
@@ -233,7 +232,9 @@ def build_prompt_book(model: LoadedModel, layout: ModelLayout, options: VoiceOpt
     voices: dict[str, Voice] = {}
     clips = dict(options.synthetic or {})
     for path in voice_files(options.folder) if options.folder else []:
-        if path.suffix == PRECOMPUTED_EXTENSION:
+        if path.stem in voices:
+            raise ValueError(f"two voices are named {path.stem}: {voices[path.stem].source.name} and {path.name}")
+        if path.suffix.lower() == PRECOMPUTED_EXTENSION:
             voices[path.stem] = Voice(path.stem, path, precomputed=_checked_precomputed(path, model, layout))
         else:
             clips[path.stem] = read_audio_file(str(path), rate)

@@ -27,13 +27,11 @@ class ModelInfo:
 
 @dataclass
 class SlotOutput:
-    """One slot's result for one step. `audio` is None when the model has no audio yet (silence).
-    `prompt_finished`: this step replayed the last frame of the slot's persona prompt."""
+    """One slot's result for one step. `audio` is None when the model has no audio yet (silence)."""
 
     audio: np.ndarray | None = None
     text: str | None = None
     error: Exception | None = None
-    prompt_finished: bool = False
 
 
 class Stepper(Protocol):

@@ -3,7 +3,8 @@
 All three are aiohttp middlewares, wired in `signaling.app`:
 
 - `token`: with one set, the call API (`/offer`, `/sessions/*`, `/whip*`,
-  `/ice-servers`, `/personas`) needs `Authorization: Bearer <token>`. The page,
+  `/ice-servers`, `/personas`) needs `Authorization: Bearer <token>`, OPTIONS
+  included (WHIP's OPTIONS hands out TURN credentials); only CORS preflights pass. The page,
   health, readiness and metrics stay open (put /metrics behind your network).
 - CORS: a browser on another origin may call the API only if its origin is in
   the allow-list; its preflight is answered and a state-changing request from
@@ -37,11 +38,16 @@ def _is_protected(path: str) -> bool:
     return any(path == p or path.startswith(p) for p in PROTECTED_PREFIXES)
 
 
+def _is_preflight(request: web.Request) -> bool:
+    return request.method == "OPTIONS" and "Origin" in request.headers and (
+        "Access-Control-Request-Method" in request.headers)
+
+
 def token_middleware(token: str | None):
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is None or request.method == "OPTIONS" or not _is_protected(request.path):
-            return await handler(request)
+        if token is None or _is_preflight(request) or not _is_protected(request.path):
+            return await handler(request)  # a CORS preflight carries no credentials by design
         given = request.headers.get("Authorization", "")
         if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode()):
             return await handler(request)
@@ -92,8 +98,10 @@ class OfferRateLimit:
         self._seen: defaultdict[str, deque[float]] = defaultdict(deque)
 
     def client(self, request: web.Request) -> str:
+        """The peer's address, or behind a trusted proxy the address that proxy saw: the LAST entry of
+        X-Forwarded-For (a client may put anything before it, its proxy appends what it saw)."""
         if self.trust_forwarded_for and "X-Forwarded-For" in request.headers:
-            return request.headers["X-Forwarded-For"].split(",")[0].strip()
+            return request.headers["X-Forwarded-For"].split(",")[-1].strip()
         return request.remote or "unknown"
 
     def retry_after(self, client: str) -> int | None:

@@ -70,6 +70,9 @@ def check_offer_sdp(sdp: str) -> None:
     if not audio:
         kinds = ", ".join(media.kind for media in description.media) or "nothing"
         raise OfferRejected(422, f"the offer has no audio (it offers {kinds}); the model needs the caller's voice")
+    if not any(media.direction in ("sendrecv", "sendonly", None) for media in audio):
+        directions = ", ".join(sorted({str(media.direction) for media in audio}))
+        raise OfferRejected(422, f"the offer's audio does not send ({directions}): the model needs the caller's voice")
     codecs = {codec.mimeType.lower() for media in audio for codec in media.rtp.codecs}
     if "audio/opus" not in codecs:
         offered = ", ".join(sorted(c.split("/", 1)[-1] for c in codecs)) or "no codecs"

@@ -35,6 +35,7 @@ def fail_slot_decode(stepper, slot: int, after: int = 3):
         return original(codes, rows)
 
     stepper._decode = decode
+    return seen
 
 
 async def test_an_exception_in_one_slot_ends_that_call_only():
@@ -47,7 +48,7 @@ async def test_an_exception_in_one_slot_ends_that_call_only():
     await call.close()
 
     calls = [await engine.open_call(seed=1) for _ in range(3)]
-    fail_slot_decode(engine.stepper, calls[1].slot)
+    decodes = fail_slot_decode(engine.stepper, calls[1].slot)
     results: list[list] = [[], [], []]
     errors: list[BaseException | None] = [None, None, None]
     for frame in noise_frames(1, 12):
@@ -71,6 +72,7 @@ async def test_an_exception_in_one_slot_ends_that_call_only():
 
     assert errors[0] is None and errors[2] is None
     assert "injected fault in slot 1" in str(errors[1]) and calls[1].error is not None
+    assert decodes["n"] == 4  # the failed batch, the slot alone once more, and never again
     # The neighbours got every frame, and apart from the one frame the failed step made them hear
     # twice, exactly what a call alone gets.
     for i in (0, 2):
@@ -127,6 +129,25 @@ async def test_a_device_error_is_fatal_it_ends_every_call_and_health_fails():
         await engine.open_call()
     assert not server.service.sessions
     await stop_server(server)
+
+
+async def test_a_probe_given_up_before_it_ran_does_not_stop_the_engine():
+    """/readyz gives up on a device probe after 2 s; the engine must neither run it later nor die of it."""
+    import time
+
+    engine = create_engine(ModelSource("tiny"), max_calls=1, sampling=GREEDY)
+    await engine.start()
+    busy = asyncio.ensure_future(engine._run_op(lambda: time.sleep(0.3)))  # the thread is in a long step
+    await asyncio.sleep(0.05)
+    probe = asyncio.ensure_future(engine.check_device())
+    await asyncio.sleep(0.05)
+    probe.cancel()
+    await busy
+    call = await asyncio.wait_for(engine.open_call(), 5)
+    result = await asyncio.wait_for(call.process(noise_frames(1, 1)[0]), 5)
+    assert result.audio.shape == (1920,) and engine.fatal is None and engine._thread.is_alive()
+    await call.close()
+    await engine.stop()
 
 
 def test_what_counts_as_a_fatal_device_error():

@@ -67,7 +67,8 @@ async def test_the_api_token_guards_the_call_api_and_leaves_health_open():
     server = await start_server(create_engine(ModelSource("echo"), max_calls=1), SignalingConfig(api_token="s3cret"))
     async with aiohttp.ClientSession() as http:
         for method, path in (("GET", "/ice-servers"), ("GET", "/personas"), ("POST", "/offer"),
-                             ("GET", "/sessions/x"), ("DELETE", "/sessions/x"), ("POST", "/whip")):
+                             ("GET", "/sessions/x"), ("DELETE", "/sessions/x"), ("POST", "/whip"),
+                             ("OPTIONS", "/whip")):  # WHIP's OPTIONS lists TURN credentials
             async with http.request(method, server.url + path) as response:
                 assert response.status == 401, path
                 assert response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -115,9 +116,9 @@ async def test_offers_per_client_per_minute_are_limited_with_retry_after():
                                 SignalingConfig(max_offers_per_minute=3, trust_forwarded_for=True))
     async with aiohttp.ClientSession() as http:
         statuses = []
-        for _ in range(4):
+        for i in range(4):  # what a client writes before its proxy's entry cannot dodge the limit
             async with http.post(server.url + "/offer", data=b"{}", headers={"Content-Type": "application/json",
-                                 "X-Forwarded-For": "203.0.113.7"}) as response:
+                                 "X-Forwarded-For": f"10.0.0.{i}, 203.0.113.7"}) as response:
                 statuses.append(response.status)
                 retry = response.headers.get("Retry-After")
                 body = await response.json()

@@ -57,6 +57,9 @@ async def test_bad_offers_get_a_4xx_that_says_what_is_wrong_and_leave_nothing_be
         ({"json": {"sdp": "v=0\r\nm=audio x y\r\n", "type": "offer"}}, 400, "does not parse"),
         ({"json": {"sdp": data_only_sdp, "type": "offer"}}, 422, "no audio"),
         ({"json": {"sdp": without_opus(good_sdp), "type": "offer"}}, 422, "no Opus"),
+        ({"json": {"sdp": good_sdp.replace("a=sendrecv", "a=recvonly"), "type": "offer"}}, 422,
+         "the offer's audio does not send (recvonly)"),  # it would hold a slot and never be heard
+        ({"json": {"sdp": good_sdp.replace("a=mid:0\r\n", ""), "type": "offer"}}, 400, "needs an a=mid line"),
         ({"data": b"x" * (200 * 1024), "headers": {"Content-Type": "application/json"}}, 413, "larger than"),
         # Parses and offers Opus, but aiortc cannot apply it: the slot taken for it must come back.
         ({"json": {"sdp": re.sub(r"a=ice-(ufrag|pwd):.*\r\n", "", good_sdp), "type": "offer"}}, 400,
