@@ -89,10 +89,11 @@ class DeviceFailed(RuntimeError):
 
 def is_device_fatal(exc: BaseException) -> bool:
     """A CUDA error poisons the context: every later kernel fails, so the process must be restarted."""
+    import torch  # here, not at the top: the engine module itself never touches tensors
+
     if isinstance(exc, DeviceFailed):
         return True
-    accelerator_error = getattr(__import__("torch"), "AcceleratorError", ())
-    if accelerator_error and isinstance(exc, accelerator_error):
+    if isinstance(exc, getattr(torch, "AcceleratorError", ())):  # torch >= 2.9 raises CUDA failures as it
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(

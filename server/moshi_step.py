@@ -192,8 +192,10 @@ class MoshiStepper(NoPrompts):
         prompt_rows = self.prompting_rows() if prompts is None else self.prompting_rows() & prompts
         outputs = [SlotOutput() for _ in range(self.batch_size)]
         lm_rows = np.zeros_like(rows)
-        user_codes = torch.zeros(self.batch_size, self.layout.user_codebooks, 1, dtype=torch.long, device=self.device)
-        if rows.any():
+        if not rows.any():  # a step only for slots replaying a prompt: no caller audio to encode
+            user_codes = torch.zeros(self.batch_size, self.layout.user_codebooks, 1, dtype=torch.long,
+                                     device=self.device)
+        else:
             codes = self._encode(frames, rows)
             first = rows & (self._frames_seen == 0)
             self._frames_seen[rows] += 1

@@ -51,6 +51,8 @@ class _PersonaGenState(State):
     offsets_host: np.ndarray  # the same, on the host, to decide which rows run
     graphed_backbone: CUDAGraphed
     graphed_depth: CUDAGraphed
+    no_embedding: torch.Tensor  # [B, 1, dim] zeros and an all-False row mask: steps that replace nothing
+    no_embedding_rows: torch.Tensor
     exit_stack: ExitStack | None = None
     lm_reset: Callable[[torch.Tensor], None] | None = None
 
@@ -118,6 +120,8 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
             offsets_host=np.zeros(batch_size, dtype=np.int64),
             graphed_backbone=CUDAGraphed(self._backbone, disable=not on_cuda),
             graphed_depth=CUDAGraphed(self._depth, disable=not on_cuda),
+            no_embedding=torch.zeros(batch_size, 1, lm.dim, device=lm.device, dtype=lm.dtype),
+            no_embedding_rows=torch.zeros(batch_size, dtype=torch.bool, device=lm.device),
             exit_stack=ExitStack(),
         )
         state.exit_stack.enter_context(lm.streaming(batch_size))
@@ -201,12 +205,13 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
         state.provided[rows, chans, here] |= starting
 
         # 2. Rows at their first frame have nothing to predict from yet.
-        running_host = state.exec_mask.cpu().numpy() & (state.offsets_host > 0)
+        executing_host = executing.cpu().numpy()  # one host copy of the mask per step
+        running_host = executing_host & (state.offsets_host > 0)
         out = torch.full((batch, channels), UNGENERATED, device=given.device, dtype=torch.long)
         if running_host.any():
             out = self._predict(state, torch.from_numpy(running_host).to(given.device), embedding, embedding_rows)
         state.offsets[:] = torch.where(executing, offsets + 1, offsets)
-        state.offsets_host[executing.cpu().numpy()] += 1
+        state.offsets_host[executing_host] += 1
         return out
 
     def _predict(
@@ -224,8 +229,7 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
         tokens = state.cache.gather(2, source)
         tokens = torch.where(running[:, None, None], tokens, state.initial)  # idle rows get valid ids
         if embedding is None:
-            embedding = torch.zeros(batch, 1, lm.dim, device=lm.device, dtype=lm.dtype)
-            embedding_rows = torch.zeros(batch, dtype=torch.bool, device=lm.device)
+            embedding, embedding_rows = state.no_embedding, state.no_embedding_rows
         lm.set_exec_mask(running)
         backbone = self._backbone if self.embedding_tap is not None else state.graphed_backbone
         backbone_out, text_logits = backbone(tokens, embedding.to(lm.device), embedding_rows & running)
