@@ -42,6 +42,18 @@ async def run_call(
         await call.close()
 
 
+def spy(monkeypatch, owner: type, name: str, record) -> None:
+    """Wrap `owner.name` for this test: each call runs as before, then `record(self, args, result)`."""
+    original = getattr(owner, name)
+
+    def wrapper(self, *args):
+        result = original(self, *args)
+        record(self, args, result)
+        return result
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
 def audio_of(results: list[FrameResult]) -> np.ndarray:
     return np.concatenate([r.audio for r in results])
 

@@ -13,7 +13,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from conftest import audio_of, noise_frames, run_call, texts_of
+from conftest import audio_of, noise_frames, run_call, spy, texts_of
 from moshi.models.compression import MimiModel
 
 from server.engine_setup import create_engine
@@ -36,25 +36,9 @@ async def persona_engine():
 def traffic(monkeypatch):
     """What PersonaGen returns, what Mimi encodes to and what it is asked to decode, step by step."""
     seen: dict[str, list[torch.Tensor]] = {"gen_out": [], "encoded": [], "decoded": []}
-    step, encode, decode = PersonaGen.step, MimiModel.encode, MimiModel.decode
-
-    def spy_step(self, given, embedding=None, embedding_rows=None):
-        out = step(self, given, embedding, embedding_rows)
-        seen["gen_out"].append(out.clone())
-        return out
-
-    def spy_encode(self, x):
-        codes = encode(self, x)
-        seen["encoded"].append(codes.clone())
-        return codes
-
-    def spy_decode(self, codes):
-        seen["decoded"].append(codes.clone())
-        return decode(self, codes)
-
-    monkeypatch.setattr(PersonaGen, "step", spy_step)
-    monkeypatch.setattr(MimiModel, "encode", spy_encode)
-    monkeypatch.setattr(MimiModel, "decode", spy_decode)
+    spy(monkeypatch, PersonaGen, "step", lambda gen, args, out: seen["gen_out"].append(out.clone()))
+    spy(monkeypatch, MimiModel, "encode", lambda mimi, args, codes: seen["encoded"].append(codes.clone()))
+    spy(monkeypatch, MimiModel, "decode", lambda mimi, args, pcm: seen["decoded"].append(args[0].clone()))
     return seen
 
 

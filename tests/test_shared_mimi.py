@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import noise_frames, run_call
+from conftest import noise_frames, run_call, spy
 from moshi.models.compression import MimiModel
 
 from server.engine_setup import create_engine
@@ -24,18 +24,9 @@ from server.tiny_model import build_tiny_model
 def mimi_spy(monkeypatch):
     """Record which MimiModel object encodes and decodes, and the codes it decodes."""
     seen: dict[str, list] = {"encode": [], "decode": []}
-    original_encode, original_decode = MimiModel.encode, MimiModel.decode
-
-    def encode(self, x):
-        seen["encode"].append(id(self))
-        return original_encode(self, x)
-
-    def decode(self, codes):
-        seen["decode"].append((id(self), codes.clone()))
-        return original_decode(self, codes)
-
-    monkeypatch.setattr(MimiModel, "encode", encode)
-    monkeypatch.setattr(MimiModel, "decode", decode)
+    spy(monkeypatch, MimiModel, "encode", lambda mimi, args, codes: seen["encode"].append(id(mimi)))
+    spy(monkeypatch, MimiModel, "decode",
+        lambda mimi, args, pcm: seen["decode"].append((id(mimi), args[0].clone())))
     return seen
 
 

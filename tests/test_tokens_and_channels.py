@@ -13,7 +13,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-from conftest import noise_frames, run_call
+from conftest import noise_frames, run_call, spy
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMGen
 
@@ -28,20 +28,13 @@ from server.tokens import TextPieces, TokenRangeError, route_step
 def traffic(monkeypatch):
     """Record what LMGen.step takes and returns, and what MimiModel.decode receives."""
     seen: dict[str, list] = {"lm_in": [], "lm_out": [], "decode": []}
-    original_step, original_decode = LMGen.step, MimiModel.decode
 
-    def step(self, codes, *args):
-        out = original_step(self, codes, *args)
-        seen["lm_in"].append(codes.clone())
+    def lm_step(gen, args, out):
+        seen["lm_in"].append(args[0].clone())
         seen["lm_out"].append(out.clone())
-        return out
 
-    def decode(self, codes):
-        seen["decode"].append(codes.clone())
-        return original_decode(self, codes)
-
-    monkeypatch.setattr(LMGen, "step", step)
-    monkeypatch.setattr(MimiModel, "decode", decode)
+    spy(monkeypatch, LMGen, "step", lm_step)
+    spy(monkeypatch, MimiModel, "decode", lambda mimi, args, pcm: seen["decode"].append(args[0].clone()))
     return seen
 
 
