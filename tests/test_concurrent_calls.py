@@ -78,6 +78,12 @@ async def test_concurrent_callers_each_hear_only_the_answer_to_their_own_voice(e
         assert all(np.array_equal(a, b) for a, b in zip(solo["inputs"], crowd["inputs"], strict=True))
         solo_text, solo_audio = answered(solo)
         crowd_text, crowd_audio = answered(crowd)
+        # The hang-up may catch a call's last frame still in the engine (a busy CI machine did, once):
+        # compare every frame both runs answered, and no more than that one may be missing.
+        answered_both = min(len(solo_text), len(crowd_text))
+        assert abs(len(solo_text) - len(crowd_text)) <= 1 and answered_both >= 25
+        solo_text, solo_audio = solo_text[:answered_both], solo_audio[:answered_both]
+        crowd_text, crowd_audio = crowd_text[:answered_both], crowd_audio[:answered_both]
         assert solo_text == crowd_text and any(solo_text)
         # Same tokens, so the same audio, up to float rounding: alone a call sits in slot 0, together
         # in slot 0, 1 or 2, and CPU kernels round a batch's rows slightly differently (~1e-7). A token
