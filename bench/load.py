@@ -2,6 +2,10 @@
 
     ./run bench load --model echo --calls 1,2,4,8 --seconds 60
     ./run bench load --model tiny --calls 1,2,4 --seconds 60
+    python3 bench/load.py --model random-moshiko --calls 1,8,16,32 --seconds 20   # a GPU host
+
+Callers are spread over client processes (`--callers-per-process`, default 6),
+so the callers' own media work never limits the server under test.
 
 For each K the server (`moshi-webrtc serve`, its own process) is started fresh
 with --max-calls K; a client process places K calls at once, each streaming
@@ -12,7 +16,9 @@ self-identifying tone bursts (server/latency_probe.py) for the whole run. Per K:
   counters below speak),
 - frames dropped by the engine (the model fell behind) and output audio shed,
 - engine step time p50 and p99, from the server's /status,
-- server CPU (share of one core, user + system) and peak memory (VmHWM).
+- the server's own mouth-to-ear estimate per call (the only delay figure a
+  model that does not echo can give; random-weight models babble),
+- server CPU (share of one core, user + system, and per call) and peak memory (VmHWM).
 
 "Real time" means: no input frame dropped, and the engine's p99 step under 80 ms;
 with echo also a p95 delay within 100 ms of the one-call figure.
@@ -38,6 +44,8 @@ import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 
 BIN = Path(sys.executable).parent / "moshi-webrtc"
+# Where the package is not installed (a GPU host with wheels on PYTHONPATH), run the CLI module.
+SERVE = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "server.cli"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -105,39 +113,62 @@ async def one_caller(url: str, seconds: float, index: int) -> dict:
         "delay_ms_p95": round(1000 * float(np.percentile(delays, 95)), 1) if delays else None,
         "frames_dropped": session.get("frames_dropped"),
         "output_ms_shed": round(1000 * session.get("outbound_samples_dropped", 0) / 24000),
+        "frames_in": session.get("frames_in"),
+        "frames_silent": session.get("frames_silent"),
+        "mouth_to_ear_estimate_ms": session.get("mouth_to_ear_estimate_ms"),
     }
 
 
-async def client_main(url: str, calls: int, seconds: float) -> None:
+async def client_main(url: str, calls: int, seconds: float, first_index: int) -> None:
     from server.ice import use_host_addresses
 
     use_host_addresses(["127.0.0.1"])
-    results = await asyncio.gather(*(one_caller(url, seconds, i) for i in range(calls)))
+    results = await asyncio.gather(*(one_caller(url, seconds, first_index + i) for i in range(calls)))
     print(json.dumps(results))
+
+
+async def run_clients(url: str, calls: int, seconds: float, per_process: int, env: dict) -> list[dict]:
+    """`calls` callers in groups of `per_process`, each group its own process; every result, in order."""
+    groups = [(start, min(per_process, calls - start)) for start in range(0, calls, per_process)]
+    clients = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--client", url, "--calls", str(count), "--seconds", str(seconds),
+            "--first-index", str(start), stdout=asyncio.subprocess.PIPE, env=env,
+        )
+        for start, count in groups
+    ]
+    outputs = await asyncio.gather(*(client.communicate() for client in clients))
+    results: list[dict] = []
+    for client, (out, _) in zip(clients, outputs, strict=True):
+        lines = out.decode().strip().splitlines()
+        if client.returncode != 0 or not lines:
+            raise RuntimeError(f"a client process failed (exit {client.returncode})")
+        results += json.loads(lines[-1])
+    return results
 
 
 # -- the orchestrator ------------------------------------------------------------------------------
 
 
-async def run_k(model: str, calls: int, seconds: float) -> dict:
+async def run_k(model: str, calls: int, seconds: float, per_process: int) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, NO_TORCH_COMPILE="1")
     server = subprocess.Popen(
-        [str(BIN), "serve", "--model", model, "--port", str(port), "--max-calls", str(calls),
+        [*SERVE, "serve", "--model", model, "--port", str(port), "--max-calls", str(calls),
          "--ice-host-address", "127.0.0.1", "--log-level", "WARNING"],
-        stderr=subprocess.PIPE, text=True, env=env,
+        stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )
+    said = []
     for line in server.stderr:
+        said.append(line)
         if "ready for" in line:
             break
+    else:
+        raise RuntimeError(f"the server exited before it was ready: {''.join(said[-20:])}")
     drain = asyncio.get_running_loop().run_in_executor(None, server.stderr.read)
     cpu_before, wall_before = cpu_seconds(server.pid), time.monotonic()
-    client = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--client", url, "--calls", str(calls), "--seconds", str(seconds),
-        stdout=asyncio.subprocess.PIPE, env=env,
-    )
-    out, _ = await client.communicate()
+    per_call = await run_clients(url, calls, seconds, per_process, env)
     cpu = (cpu_seconds(server.pid) - cpu_before) / (time.monotonic() - wall_before)
     async with aiohttp.ClientSession() as http, http.get(f"{url}/status") as response:
         status = await response.json()
@@ -145,8 +176,8 @@ async def run_k(model: str, calls: int, seconds: float) -> dict:
     server.terminate()
     server.wait(timeout=30)
     await drain
-    per_call = json.loads(out.decode().strip().splitlines()[-1])
     engine = status["engine"]
+    estimates = [c["mouth_to_ear_estimate_ms"] for c in per_call if c.get("mouth_to_ear_estimate_ms") is not None]
     p95s = [c["delay_ms_p95"] for c in per_call if c.get("delay_ms_p95") is not None]
     return {
         "model": model,
@@ -159,16 +190,19 @@ async def run_k(model: str, calls: int, seconds: float) -> dict:
         "output_ms_shed": sum(c.get("output_ms_shed", 0) for c in per_call),
         "step_ms_p50": engine["step_ms_p50"],
         "step_ms_p99": engine["step_ms_p99"],
+        "mouth_to_ear_estimate_ms_median": statistics.median(estimates) if estimates else None,
+        "mouth_to_ear_estimate_ms_worst": max(estimates) if estimates else None,
         "server_cpu_cores": round(cpu, 2),
+        "server_cpu_cores_per_call": round(cpu / calls, 3),
         "server_peak_rss_mib": round(rss),
         "per_call": per_call,
     }
 
 
-async def orchestrate(model: str, calls: list[int], seconds: float) -> None:
+async def orchestrate(model: str, calls: list[int], seconds: float, per_process: int) -> None:
     baseline = None
     for k in calls:
-        result = await run_k(model, k, seconds)
+        result = await run_k(model, k, seconds, per_process)
         if baseline is None:
             baseline = result["delay_ms_p95_worst"]
         real_time = result["frames_dropped"] == 0 and result["step_ms_p99"] < 80
@@ -183,12 +217,16 @@ def main() -> None:
     parser.add_argument("--model", default="echo", help="echo or tiny (or any --model serve takes)")
     parser.add_argument("--calls", default="1,2,4,8", help="comma-separated K values")
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--callers-per-process", type=int, default=6,
+                        help="callers per client process (one event loop carries about a dozen)")
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--first-index", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
-        asyncio.run(client_main(args.client, int(args.calls), args.seconds))
+        asyncio.run(client_main(args.client, int(args.calls), args.seconds, args.first_index))
     else:
-        asyncio.run(orchestrate(args.model, [int(k) for k in args.calls.split(",")], args.seconds))
+        asyncio.run(orchestrate(args.model, [int(k) for k in args.calls.split(",")], args.seconds,
+                                args.callers_per_process))
 
 
 if __name__ == "__main__":

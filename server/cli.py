@@ -38,7 +38,8 @@ def _banner(lines: list[str]) -> str:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=AUTO,
                         help="auto (moshiko on a GPU, else tiny), tiny, tiny-persona, echo, a Hugging Face repo id "
-                             "(e.g. nvidia/personaplex-7b-v1), or a directory")
+                             "(e.g. nvidia/personaplex-7b-v1), a directory, or random-moshiko / "
+                             "random-personaplex (real-size, random weights: GPU capacity tests without weights)")
     parser.add_argument("--revision", help="Hugging Face revision (branch, tag or commit)")
     parser.add_argument("--moshi-weight", help="local Moshi weights file (overrides the repo's)")
     parser.add_argument("--mimi-weight", help="local Mimi weights file (overrides the repo's)")

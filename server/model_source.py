@@ -8,7 +8,9 @@ A source is one of:
 - `tiny`: the built-in random test model (see `server.tiny_model`);
 - `tiny-persona`: the same, in PersonaPlex's layout (the depth transformer
   also predicts the caller's codebooks);
-- `echo`: no model at all; the engine hands audio back (see `server.echo_step`).
+- `echo`: no model at all; the engine hands audio back (see `server.echo_step`);
+- `random-moshiko`, `random-personaplex`: the real-size architectures with
+  random weights, for a GPU host without weights (see `server.random_model`).
 
 Repo ids and directories both become a `moshi.models.loaders.CheckpointInfo`
 and go through the same `load_checkpoint`, so a tiny checkpoint written to
@@ -40,6 +42,7 @@ from .tiny_model import (
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
+RANDOM_MODELS = ("random-moshiko", "random-personaplex")  # server.random_model builds them
 TINY_PERSONA = "tiny-persona"
 ECHO = "echo"
 PERSONAPLEX_MODEL_TYPE = "personaplex"
@@ -67,12 +70,16 @@ class ModelSource:
         return self.model in (TINY, TINY_PERSONA)
 
     @property
+    def is_random(self) -> bool:
+        return self.model in RANDOM_MODELS
+
+    @property
     def is_directory(self) -> bool:
         return Path(self.model).is_dir()
 
     def checkpoint_info(self) -> loaders.CheckpointInfo:
         """Resolve a repo id or directory to moshi's CheckpointInfo (downloads for a repo id)."""
-        if self.is_echo or self.is_tiny:
+        if self.is_echo or self.is_tiny or self.is_random:
             raise ValueError(f"{self.model!r} has no checkpoint")
         if self.is_directory:
             return _directory_checkpoint(Path(self.model), self)
@@ -180,6 +187,11 @@ def load_model(source: ModelSource, device: torch.device, dtype: torch.dtype) ->
             text_tokenizer=tiny.text_tokenizer(),
             is_test_model=True,
         )
+    if source.is_random:
+        from .random_model import build_random_model  # it builds on LoadedModel, defined here
+
+        log.info("building %s: real-size architecture, random weights", source.model)
+        return build_random_model(source.model, device, dtype)
     log.info("retrieving checkpoint %s", source.model)
     info = source.checkpoint_info()
     name = source.model if not source.revision else f"{source.model}@{source.revision}"

@@ -182,13 +182,17 @@ def _calibration_audio(sample_rate: int, generator: torch.Generator) -> torch.Te
     return torch.stack(signals)[:, None, :]
 
 
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def fit_codebooks(mimi: MimiModel, generator: torch.Generator) -> None:
     """Give a random Mimi usable codebooks with moshi's own k-means initialisation.
 
     moshi's residual quantizer initialises one more level per training forward
     pass, so the calibration signal is passed once per active codebook.
     """
-    audio = _calibration_audio(mimi.sample_rate, generator)
+    audio = _calibration_audio(mimi.sample_rate, generator).to(_device_of(mimi))
     mimi.quantizer.train()
     with torch.no_grad():
         for _ in range(mimi.num_codebooks):
@@ -215,7 +219,7 @@ def level_decoder_output(mimi: MimiModel, generator: torch.Generator, target_rms
     """Scale the decoder's last convolution so decoded calibration audio has `target_rms` and no DC."""
     last = [m for m in mimi.decoder.modules() if isinstance(m, torch.nn.Conv1d)][-1]
     with torch.no_grad():
-        decoded = mimi.decode(mimi.encode(_calibration_audio(mimi.sample_rate, generator)))
+        decoded = mimi.decode(mimi.encode(_calibration_audio(mimi.sample_rate, generator).to(_device_of(mimi))))
         scale = target_rms / float(decoded.std())
         last.weight.mul_(scale)
         last.bias.mul_(scale).sub_(float(decoded.mean()) * scale)

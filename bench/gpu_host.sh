@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 12's checks and figures on a CUDA host, stage by stage; each stage's whole log goes to $OUT
+# (or gpu-results/), its tail to the terminal:
+#
+#   bench/gpu_host.sh env tests masked sweep            # correctness, then moshiko's step time and capacity
+#   bench/gpu_host.sh persona profile load               # PersonaPlex, where a step's time goes, the whole system
+#
+# A GPU host without a package registry takes moshi, aiortc, av and their small dependencies as wheels
+# from .whl/ (moshi with --no-deps; see docs/BENCHMARKS.md for the list); with `./run`'s virtual
+# environment instead, run the same commands with .venv/bin/python.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+RESULTS="${OUT:-gpu-results}"
+mkdir -p "$RESULTS"
+PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c "import moshi, aiortc, av" 2>/dev/null; then
+  [ -d /tmp/site/moshi ] || "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+fi
+export NO_TORCH_COMPILE=1 PYTHONUNBUFFERED=1
+LOAD_CALLS="${LOAD_CALLS:-1,4,8,16,24,32}"
+LOAD_SECONDS="${LOAD_SECONDS:-15}"
+SWEEP="${SWEEP:-1,2,4,8,16,24,32,40,48,64}"
+PROFILE_BATCH="${PROFILE_BATCH:-16}"
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name ($(date -u +%H:%M:%S)): $*"
+  timeout "$limit" "$@" >"$RESULTS/$name.log" 2>&1
+  local status=$?
+  grep -v -e Warning -e "warnings.warn" "$RESULTS/$name.log" | tail -n 30
+  echo "== $name exit $status ($(date -u +%H:%M:%S))"
+}
+
+for name in "$@"; do
+  case "$name" in
+    env) stage env 60 bash -c "nvidia-smi; $PYTHON -c 'import torch, moshi, aiortc, av; print(torch.__version__, torch.version.cuda, moshi.__version__, aiortc.__version__, av.__version__)'" ;;
+    tests) stage tests 300 "$PYTHON" -m pytest tests/test_cuda.py -v -p no:cacheprovider -p no:asyncio ;;
+    masked) CUDA_LAUNCH_BLOCKING=1 stage masked 150 "$PYTHON" -m pytest tests/test_cuda.py -k masked -v -p no:cacheprovider -p no:asyncio ;;
+    sweep) stage sweep 240 "$PYTHON" bench/engine_step.py --real-size --batches "$SWEEP" ;;
+    persona) stage persona 240 "$PYTHON" bench/engine_step.py --real-size --persona --batches "$SWEEP" --prompt-batches 1,8 ;;
+    profile) stage profile 150 "$PYTHON" bench/engine_step.py --real-size --profile "$PROFILE_BATCH" --steps 30 ;;
+    load) stage load 420 "$PYTHON" bench/load.py --model random-moshiko --calls "$LOAD_CALLS" --seconds "$LOAD_SECONDS" ;;
+    *) echo "unknown stage $name" >&2; exit 2 ;;
+  esac
+done
