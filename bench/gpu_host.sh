@@ -43,6 +43,8 @@ for name in "$@"; do
     persona) stage persona 240 "$PYTHON" bench/engine_step.py --real-size --persona --batches "$SWEEP" --prompt-batches 1,8 ;;
     profile) stage profile 150 "$PYTHON" bench/engine_step.py --real-size --profile "$PROFILE_BATCH" --steps 30 ;;
     load) stage load 420 "$PYTHON" bench/load.py --model random-moshiko --calls "$LOAD_CALLS" --seconds "$LOAD_SECONDS" ;;
+    load-gil5) stage load-gil5 200 "$PYTHON" bench/load.py --model random-moshiko --calls "${GIL5_CALLS:-16,24}" \
+      --seconds "$LOAD_SECONDS" --server-args "--switch-interval-ms 5" ;;
     *) echo "unknown stage $name" >&2; exit 2 ;;
   esac
 done

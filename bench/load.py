@@ -150,13 +150,13 @@ async def run_clients(url: str, calls: int, seconds: float, per_process: int, en
 # -- the orchestrator ------------------------------------------------------------------------------
 
 
-async def run_k(model: str, calls: int, seconds: float, per_process: int) -> dict:
+async def run_k(model: str, calls: int, seconds: float, per_process: int, server_args: list[str]) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, NO_TORCH_COMPILE="1")
     server = subprocess.Popen(
         [*SERVE, "serve", "--model", model, "--port", str(port), "--max-calls", str(calls),
-         "--ice-host-address", "127.0.0.1", "--log-level", "WARNING"],
+         "--ice-host-address", "127.0.0.1", "--log-level", "WARNING", "--max-offers-per-minute", "0", *server_args],
         stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )
     said = []
@@ -181,6 +181,7 @@ async def run_k(model: str, calls: int, seconds: float, per_process: int) -> dic
     p95s = [c["delay_ms_p95"] for c in per_call if c.get("delay_ms_p95") is not None]
     return {
         "model": model,
+        "server_args": " ".join(server_args),
         "calls": calls,
         "seconds": seconds,
         "delay_ms_p50_median": round(statistics.median([c["delay_ms_p50"] for c in per_call
@@ -199,10 +200,10 @@ async def run_k(model: str, calls: int, seconds: float, per_process: int) -> dic
     }
 
 
-async def orchestrate(model: str, calls: list[int], seconds: float, per_process: int) -> None:
+async def orchestrate(model: str, calls: list[int], seconds: float, per_process: int, server_args: list[str]) -> None:
     baseline = None
     for k in calls:
-        result = await run_k(model, k, seconds, per_process)
+        result = await run_k(model, k, seconds, per_process, server_args)
         if baseline is None:
             baseline = result["delay_ms_p95_worst"]
         real_time = result["frames_dropped"] == 0 and result["step_ms_p99"] < 80
@@ -219,6 +220,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--callers-per-process", type=int, default=6,
                         help="callers per client process (one event loop carries about a dozen)")
+    parser.add_argument("--server-args", default="", help="more `serve` options, e.g. '--switch-interval-ms 5'")
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--first-index", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,7 +228,7 @@ def main() -> None:
         asyncio.run(client_main(args.client, int(args.calls), args.seconds, args.first_index))
     else:
         asyncio.run(orchestrate(args.model, [int(k) for k in args.calls.split(",")], args.seconds,
-                                args.callers_per_process))
+                                args.callers_per_process, args.server_args.split()))
 
 
 if __name__ == "__main__":
