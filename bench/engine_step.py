@@ -314,6 +314,17 @@ def prompt_replay(model: LoadedModel, batch: int) -> dict:
     }
 
 
+def start_busy_thread() -> None:
+    """Pure Python work forever in a daemon thread: it holds the GIL whenever the step gives it up."""
+    import threading
+
+    def spin() -> None:
+        while True:
+            sum(i * i for i in range(1000))
+
+    threading.Thread(target=spin, name="busy", daemon=True).start()
+
+
 # -- main ----------------------------------------------------------------------------------------------
 
 
@@ -330,7 +341,12 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=None, metavar="BATCH",
                         help="instead of the sweep: where one step's time goes at this batch")
     parser.add_argument("--prompt-batches", default="1", help="with --persona: batches for the prompt replay speed")
+    parser.add_argument("--busy-thread", action="store_true",
+                        help="a second Python thread that never waits, as a saturated event loop is: "
+                             "what sharing the GIL costs the inference thread")
     args = parser.parse_args()
+    if args.busy_thread:
+        start_busy_thread()
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -353,6 +369,7 @@ def main() -> None:
             "cuda_graphs": device.type == "cuda" and not os.environ.get("NO_CUDA_GRAPH"),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "steps": args.steps,
+            "busy_thread": args.busy_thread,
             "kv_cache_gib_per_slot": round(kv_cache_bytes_per_slot(model) / GIB, 3),
         }
         if device.type == "cuda":

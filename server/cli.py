@@ -110,10 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     persona.add_argument("--max-prompt-tokens", type=int, default=PersonaLimits.max_prompt_tokens,
                          help="each token is one model step of replay before the call starts")
     persona.add_argument("--max-voice-seconds", type=float, default=PersonaLimits.max_voice_seconds)
-    serve.add_argument("--switch-interval-ms", type=float, default=0.2,
-                       help="longest time one Python thread holds the GIL while another waits (Python's default: "
-                            "5). The inference thread gives the GIL up at every host sync of a step and must get "
-                            "it back from the busy event loop each time; see docs/BENCHMARKS.md")
     serve.add_argument("--log-level", default="INFO")
 
     precompute = commands.add_parser(
@@ -195,7 +191,6 @@ async def serve(args: argparse.Namespace) -> int:
     from .ice import IceConfig, parse_ice_server, use_host_addresses
 
     use_host_addresses(args.ice_host_address or None)
-    sys.setswitchinterval(args.switch_interval_ms / 1000)
     if args.turn_url and not args.turn_secret:
         log.critical("--turn-url needs --turn-secret (or $%s)", TURN_SECRET_ENV)
         return 2
