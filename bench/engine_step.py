@@ -76,7 +76,7 @@ def frames_for(batch: int, frame_size: int, rng: np.random.Generator) -> np.ndar
     return (0.1 * rng.standard_normal((batch, frame_size))).astype(np.float32)
 
 
-def time_batch(model: LoadedModel, batch: int, steps: int, warmup: int) -> dict:
+def time_batch(model: LoadedModel, batch: int, steps: int, warmup: int, busy: bool = False) -> dict:
     on_cuda = model.lm.device.type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -87,12 +87,13 @@ def time_batch(model: LoadedModel, batch: int, steps: int, warmup: int) -> dict:
         rows = np.ones(batch, dtype=bool)
         stepper.reset_slots(list(range(batch)), list(range(batch)))
         times = []
-        for i in range(warmup + steps):
-            frames = frames_for(batch, stepper.frame_size, rng)
-            started = time.perf_counter()
-            stepper.step(frames, rows)
-            if i >= warmup:
-                times.append(1000 * (time.perf_counter() - started))
+        with busy_thread(busy):
+            for i in range(warmup + steps):
+                frames = frames_for(batch, stepper.frame_size, rng)
+                started = time.perf_counter()
+                stepper.step(frames, rows)
+                if i >= warmup:
+                    times.append(1000 * (time.perf_counter() - started))
     finally:
         stepper.close()
     times.sort()
@@ -314,15 +315,28 @@ def prompt_replay(model: LoadedModel, batch: int) -> dict:
     }
 
 
-def start_busy_thread() -> None:
-    """Pure Python work forever in a daemon thread: it holds the GIL whenever the step gives it up."""
+@contextlib.contextmanager
+def busy_thread(enabled: bool):
+    """Pure Python work in a second thread while the block runs: it takes the GIL whenever a step gives
+    it up (every torch op does) and keeps it until the switch interval forces it out."""
+    if not enabled:
+        yield
+        return
     import threading
 
+    stop = threading.Event()
+
     def spin() -> None:
-        while True:
+        while not stop.is_set():
             sum(i * i for i in range(1000))
 
-    threading.Thread(target=spin, name="busy", daemon=True).start()
+    thread = threading.Thread(target=spin, name="busy", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -342,11 +356,13 @@ def main() -> None:
                         help="instead of the sweep: where one step's time goes at this batch")
     parser.add_argument("--prompt-batches", default="1", help="with --persona: batches for the prompt replay speed")
     parser.add_argument("--busy-thread", action="store_true",
-                        help="a second Python thread that never waits, as a saturated event loop is: "
-                             "what sharing the GIL costs the inference thread")
+                        help="while steps are timed, a second Python thread that never waits, as a saturated "
+                             "event loop: what sharing the GIL costs the inference thread")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="Python's GIL switch interval (default 5 ms)")
     args = parser.parse_args()
-    if args.busy_thread:
-        start_busy_thread()
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -370,6 +386,7 @@ def main() -> None:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "steps": args.steps,
             "busy_thread": args.busy_thread,
+            "switch_interval_ms": 1000 * sys.getswitchinterval(),
             "kv_cache_gib_per_slot": round(kv_cache_bytes_per_slot(model) / GIB, 3),
         }
         if device.type == "cuda":
@@ -384,7 +401,7 @@ def main() -> None:
         results = []
         for batch in batches:
             try:
-                results.append(time_batch(model, batch, args.steps, args.warmup))
+                results.append(time_batch(model, batch, args.steps, args.warmup, args.busy_thread))
             except torch.OutOfMemoryError as exc:
                 print(json.dumps({"batch": batch, "out_of_memory": str(exc).splitlines()[0][:200]}), flush=True)
                 free_device_memory()

@@ -41,8 +41,9 @@ for name in "$@"; do
     masked) CUDA_LAUNCH_BLOCKING=1 stage masked 150 "$PYTHON" -m pytest tests/test_cuda.py -k masked -v -p no:cacheprovider -p no:asyncio ;;
     sweep) stage sweep 240 "$PYTHON" bench/engine_step.py --real-size --batches "$SWEEP" ;;
     persona) stage persona 240 "$PYTHON" bench/engine_step.py --real-size --persona --batches "$SWEEP" --prompt-batches 1,8 ;;
-    gil) stage gil 200 bash -c "$PYTHON bench/engine_step.py --real-size --batches 1,16 --steps 60 && \
-      $PYTHON bench/engine_step.py --real-size --batches 1,16 --steps 60 --busy-thread" ;;
+    gil) stage gil 300 bash -c "$PYTHON bench/engine_step.py --real-size --batches 16 --steps 20 --warmup 3 \
+      --busy-thread; $PYTHON bench/engine_step.py --real-size --batches 16 --steps 20 --warmup 3 --busy-thread \
+      --switch-interval-ms 0.5" ;;
     profile) stage profile 150 "$PYTHON" bench/engine_step.py --real-size --profile "$PROFILE_BATCH" --steps 30 ;;
     load) stage load 420 "$PYTHON" bench/load.py --model random-moshiko --calls "$LOAD_CALLS" --seconds "$LOAD_SECONDS" ;;
     *) echo "unknown stage $name" >&2; exit 2 ;;
