@@ -44,6 +44,8 @@ for name in "$@"; do
     gil) stage gil 300 bash -c "$PYTHON bench/engine_step.py --real-size --batches 16 --steps 20 --warmup 3 \
       --busy-thread; $PYTHON bench/engine_step.py --real-size --batches 16 --steps 20 --warmup 3 --busy-thread \
       --switch-interval-ms 0.5" ;;
+    prompt) stage prompt 240 "$PYTHON" bench/engine_step.py --real-size --persona --batches 1,16 \
+      --prompt-batches 1,16,32 ;;
     profile) stage profile 150 "$PYTHON" bench/engine_step.py --real-size --profile "$PROFILE_BATCH" --steps 30 ;;
     load) stage load 420 "$PYTHON" bench/load.py --model random-moshiko --calls "$LOAD_CALLS" --seconds "$LOAD_SECONDS" ;;
     *) echo "unknown stage $name" >&2; exit 2 ;;

@@ -122,10 +122,15 @@ class MoshiStepper(NoPrompts):
             for streaming in _outermost_streaming(module)
         ]
         self._frames_seen = np.zeros(batch_size, dtype=np.int64)
-        # Streaming at batch B for the stepper's life; close() hands the model back.
+        # Streaming at batch B for the stepper's life; close() hands the model back. If entering fails
+        # (out of device memory for the KV caches), the model is handed back at once, still usable.
         self._streaming = contextlib.ExitStack()
-        self._streaming.enter_context(self.mimi.streaming(batch_size))
-        self._streaming.enter_context(self.generator.streaming(batch_size))
+        try:
+            self._streaming.enter_context(self.mimi.streaming(batch_size))
+            self._streaming.enter_context(self.generator.streaming(batch_size))
+        except BaseException:
+            self._streaming.close()
+            raise
 
     def _make_generator(self, model: LoadedModel, gen_kwargs: dict) -> LMGen:
         return LMGen(
