@@ -190,13 +190,15 @@ def fit_codebooks(mimi: MimiModel, generator: torch.Generator) -> None:
     """Give a random Mimi usable codebooks with moshi's own k-means initialisation.
 
     moshi's residual quantizer initialises one more level per training forward
-    pass, so the calibration signal is passed once per active codebook.
+    pass, so the calibration latents go through it once per active codebook
+    (encoded once: the encoder is deterministic, and a real-size one is slow).
     """
     audio = _calibration_audio(mimi.sample_rate, generator).to(_device_of(mimi))
     mimi.quantizer.train()
     with torch.no_grad():
+        latent = mimi.encode_to_latent(audio, quantize=False)
         for _ in range(mimi.num_codebooks):
-            mimi(audio)
+            mimi.quantizer(latent, mimi.frame_rate)
     mimi.eval()
 
 

@@ -80,3 +80,28 @@ async def test_engine_audio_is_the_one_piece_decode_of_its_codes(mimi_spy):
     engine_audio = np.concatenate(voiced)
     level = float(np.std(whole))
     assert np.abs(engine_audio - whole).max() < 1e-3 * level
+
+
+def test_a_stepper_that_cannot_start_streaming_hands_the_model_back(monkeypatch):
+    """Out of device memory for one more slot's KV cache must not leave the shared Mimi streaming at the
+    failed batch size: the next stepper on the same model (a smaller batch) works."""
+    from moshi.models.lm import LMGen
+
+    from server.model_source import load_model
+    from server.moshi_step import MoshiStepper
+
+    model = load_model(ModelSource("tiny"), torch.device("cpu"), torch.float32)
+
+    def out_of_memory(self, batch_size):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected: a CPU cannot run out of device memory)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(LMGen, "streaming", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            MoshiStepper(model, 48, GREEDY)
+    assert not model.mimi.is_streaming
+    stepper = MoshiStepper(model, 2, GREEDY)
+    stepper.warm_up()
+    outputs = stepper.step(np.stack(noise_frames(3, 2)), np.array([True, True]))
+    assert [o.error for o in outputs] == [None, None]
+    stepper.close()
