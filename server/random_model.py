@@ -46,14 +46,14 @@ class PlaceholderTokenizer:
         return [4 + (len(word) + i) % (self.size - 4) for word in text.split() for i in range(2)]
 
 
-def random_lm_config(persona: bool, lm_layers: int | None = None) -> dict:
-    """moshi's built-in 7B config; `persona`: dep_q=16 (PersonaPlex); `lm_layers`: smoke runs only."""
-    config = dict(loaders._lm_kwargs)  # moshi's one copy of the 7B architecture (its loaders use it)
+def random_lm_overrides(persona: bool, lm_layers: int | None = None) -> dict:
+    """Changes to moshi's built-in 7B config: dep_q=16 for PersonaPlex; fewer layers for smoke runs only."""
+    overrides: dict = {}
     if persona:
-        config["dep_q"] = 16
+        overrides["dep_q"] = 16
     if lm_layers is not None:
-        config["num_layers"] = lm_layers
-    return config
+        overrides["num_layers"] = lm_layers
+    return overrides
 
 
 def build_random_model(
@@ -66,17 +66,15 @@ def build_random_model(
     """`name` is `random-moshiko` or `random-personaplex`. The same seed gives the same weights on one device."""
     if name not in RANDOM_MODELS:
         raise ValueError(f"unknown random model {name!r}; choose one of {', '.join(RANDOM_MODELS)}")
-    persona = name == RANDOM_PERSONAPLEX
-    config = random_lm_config(persona, lm_layers)
-    num_codebooks = max(config["dep_q"], config["n_q"] - config["dep_q"])
+    overrides = random_lm_overrides(name == RANDOM_PERSONAPLEX, lm_layers)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        mimi = loaders.get_mimi(None, device=device, num_codebooks=num_codebooks)
+        # No config given: moshi's loader builds its built-in 7B architecture, with our overrides.
+        lm = loaders.get_moshi_lm(None, device=device, dtype=dtype, lm_kwargs_overrides=overrides)
+        mimi = loaders.get_mimi(None, device=device, num_codebooks=max(lm.dep_q, lm.n_q - lm.dep_q))
         he_init_convolutions(mimi)
-        calibration = torch.Generator().manual_seed(seed)
-        fit_codebooks(mimi, calibration)
+        fit_codebooks(mimi, torch.Generator().manual_seed(seed))
         level_decoder_output(mimi, torch.Generator().manual_seed(seed + 1))
-        lm = loaders.get_moshi_lm(None, lm_kwargs=config, device=device, dtype=dtype)
     lm.eval()
     label = name if lm_layers is None else f"{name}-{lm_layers}-layers-SMOKE"
     return LoadedModel(label, mimi, lm, PlaceholderTokenizer(lm.text_card), is_test_model=True)

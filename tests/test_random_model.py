@@ -51,10 +51,12 @@ def test_its_mimi_codes_depend_on_the_input(moshiko):
 
 
 def test_random_personaplex_is_moshi_7b_with_dep_q_16():
-    from server.random_model import random_lm_config
+    from moshi.models import loaders
 
-    config = random_lm_config(persona=True)
-    assert (config["dim"], config["num_layers"], config["n_q"], config["dep_q"]) == (4096, 32, 16, 16)
+    from server.random_model import random_lm_overrides
+
+    lm = loaders.get_moshi_lm(None, device="meta", lm_kwargs_overrides=random_lm_overrides(persona=True))
+    assert (lm.dim, len(lm.transformer.layers), lm.n_q, lm.dep_q, lm.card) == (4096, 32, 16, 16, 2048)
     assert RANDOM_PERSONAPLEX == "random-personaplex"
 
 
