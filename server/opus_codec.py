@@ -63,6 +63,7 @@ class OpusDecoder:
     """One call's Opus decoder: float32 mono at `sample_rate`. Not thread-safe; one per stream."""
 
     def __init__(self, sample_rate: int = 24000):
+        self._state = None
         if sample_rate not in OPUS_RATES:
             raise ValueError(f"Opus decodes at {OPUS_RATES} Hz, not {sample_rate}")
         self.sample_rate = sample_rate
