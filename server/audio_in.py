@@ -43,7 +43,13 @@ class InboundAudio:
         pieces = [self._pending]
         for out in self._resampler_for(frame).resample(frame):
             pieces.append(_mono(out.to_ndarray()))  # [channels, samples], planar float
-        samples = self._repaired(np.concatenate(pieces))
+        return self._cut(self._repaired(np.concatenate(pieces)))
+
+    def push_samples(self, samples: np.ndarray) -> list[np.ndarray]:
+        """Float mono samples already at `sample_rate` (the Opus receive path decodes to it); whole frames."""
+        return self._cut(self._repaired(np.concatenate([self._pending, samples.astype(np.float32, copy=False)])))
+
+    def _cut(self, samples: np.ndarray) -> list[np.ndarray]:
         whole = len(samples) // self.frame_size
         cut = whole * self.frame_size
         self._pending = samples[cut:].copy()

@@ -8,7 +8,8 @@ When is a slot due? Each packet's transit (arrival time minus its RTP time)
 is compared with the fastest transit seen in the last few seconds: that
 excess is its delay. The target delay is a high quantile of recent delays
 (or the largest of the last second, so it rises at once) plus a small
-margin, so it sits near zero on a clean link, grows with jitter and shrinks
+margin, never under one packet (20 ms: the loop that runs it has hiccups of
+its own), so it sits near one packet on a clean link, grows with jitter and shrinks
 back a few seconds after the jitter calms (like a browser's NetEq). The
 first half second, before any jitter is known, starts from 40 ms. A slot is
 due at its RTP time + the fastest transit + the target: on time packets
@@ -19,9 +20,13 @@ What fills a due slot, in media time order, exactly `ticks` RTP units each:
 - `Play`: its packet arrived;
 - `Recover`: it is lost, but the next packet is here and may carry in-band
   FEC for it (the decoder knows; it conceals if there is none);
-- `Conceal`: it is lost; libopus extrapolates (after `max_conceal_s` of
-  loss in a row, `Silence` instead: concealment fades anyway);
+- `Conceal`: it is lost; libopus extrapolates;
 - `Silence`: a gap the sender left in RTP time (discontinuous transmission).
+
+After `max_conceal_s` of loss in a row the stream pauses: nothing more is
+made up (concealment would only fade, and a caller who stopped sending
+should not keep the model busy); the next packet to arrive starts it again
+from its own time.
 
 While the sender's packets carry in-band FEC, the target is one packet
 longer: a loss is then decided when the next packet (which can restore it)
@@ -73,6 +78,7 @@ class JitterStats:
     late: int = 0  # packets that arrived after their slot was filled without them
     duplicates: int = 0
     restarts: int = 0  # sequence or SSRC jumps that restarted the buffer
+    pauses: int = 0  # losses longer than max_conceal_s, after which the stream went on from a later packet
     discarded: int = 0  # packets beyond the buffer's capacity
 
 
@@ -126,6 +132,7 @@ class JitterBuffer:
         start_target_s: float = 0.04,
         start_packets: int = 25,
         margin_s: float = 0.004,
+        min_target_s: float = 0.02,
         max_target_s: float = 0.4,
         max_conceal_s: float = 0.1,
         capacity: int = 64,
@@ -135,6 +142,7 @@ class JitterBuffer:
         self.packet_ticks = packet_ticks
         self.quantile = quantile
         self.margin_s = margin_s
+        self.min_target_s = min_target_s
         self.max_target_s = max_target_s
         self.max_conceal_ticks = int(max_conceal_s * clock_rate)
         self.capacity = capacity
@@ -155,7 +163,9 @@ class JitterBuffer:
         self._missed: deque[int] = deque(maxlen=capacity)  # recent slots filled without their packet
         self._fec_seen_at: float | None = None
         self._fastest = 0.0
-        self.target_s = margin_s
+        self._paused = False
+        self._last_played_seq = -1
+        self.target_s = max(min_target_s, margin_s)
 
     # -- in ---------------------------------------------------------------------------------------
 
@@ -177,6 +187,15 @@ class JitterBuffer:
             ext_seq, ext_ts = self._unwrap(seq, timestamp)
         if self._next_seq is None:
             self._next_seq, self._next_ts = ext_seq, ext_ts
+        elif self._paused and ext_ts >= self._next_ts:
+            self._paused = False
+            self._lost_ticks_in_a_row = 0
+            if ext_seq == self._last_played_seq + 1 and ext_ts - self._next_ts <= self.max_gap_ticks:
+                self._next_seq = ext_seq  # nothing was lost: the sender was quiet (DTX); its gap is silence
+            else:  # the stream comes back after a loss: go on from this packet's time
+                self.stats.pauses += 1
+                self._drop_before(ext_seq)
+                self._next_seq, self._next_ts = ext_seq, ext_ts
 
         self._delays.add(arrival, arrival - ext_ts / self.clock_rate)
         self._fastest = self._delays.fastest()
@@ -185,7 +204,7 @@ class JitterBuffer:
             target = max(target, self.start_target_s)
         if self._fec_seen_at is not None and arrival - self._fec_seen_at < self._delays.window_s:
             target += self.packet_ticks / self.clock_rate  # wait for the next packet: its FEC can restore a loss
-        self.target_s = min(self.max_target_s, target)
+        self.target_s = min(self.max_target_s, max(self.min_target_s, target))
 
         if ext_ts < self._next_ts:  # its slot was filled already
             if ext_seq in self._missed:
@@ -228,6 +247,8 @@ class JitterBuffer:
         self._lost_ticks_in_a_row = 0
         self._missed.clear()
         self._started = False
+        self._paused = False
+        self._last_played_seq = -1
 
     def _remove(self, packet: _Packet) -> None:
         del self._packets[packet.seq]
@@ -241,7 +262,7 @@ class JitterBuffer:
 
     def due_at(self) -> float | None:
         """When the next slot is due (None before the first packet)."""
-        if self._next_ts is None or not self._delays.samples:
+        if self._next_ts is None or not self._delays.samples or self._paused:
             return None
         return self._next_ts / self.clock_rate + self._fastest + self.target_s
 
@@ -264,20 +285,22 @@ class JitterBuffer:
                 return Silence(gap)
             self._remove(packet)
             self.packet_ticks = packet.ticks
+            self._last_played_seq = packet.seq
             self._next_seq, self._next_ts = packet.seq + 1, packet.ts + packet.ticks
             self._lost_ticks_in_a_row = 0
             self.stats.played += 1
             return Play(packet.payload, packet.ticks)
         # The slot's packet is missing and its time is up.
         ticks = self.packet_ticks
-        self.stats.lost += 1
         following = self._packets.get(self._next_seq + 1)
+        if following is None and self._lost_ticks_in_a_row >= self.max_conceal_ticks:
+            self._paused = True  # until a packet comes
+            return None
+        self.stats.lost += 1
         if following is not None and following.ts == self._next_ts + ticks:
             slot: Slot = Recover(following.payload, ticks)
-        elif self._lost_ticks_in_a_row < self.max_conceal_ticks:
-            slot = Conceal(ticks)
         else:
-            slot = Silence(ticks)
+            slot = Conceal(ticks)
         self._lost_ticks_in_a_row += ticks
         self._missed.append(self._next_seq)
         self._next_seq += 1

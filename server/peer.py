@@ -1,12 +1,13 @@
 """One call: an aiortc RTCPeerConnection wired to one engine slot.
 
-    caller's Opus track --recv()--> InboundAudio (PyAV, float32 24 kHz, 1920-sample frames)
-        --> engine Call.submit ... results in order --> OutboundAudioTrack (20 ms, paced) --> caller
-                                \\-> text pieces --> "events" data channel --> caller
+    caller's Opus RTP --> AudioReceiver (adaptive jitter buffer, libopus FEC/concealment, 1920-sample
+        frames at 24 kHz) --> engine Call.submit ... results in order --> OutboundAudioTrack (20 ms, paced)
+        --> caller;  text pieces --> "events" data channel --> caller
 
-The inbound track is read for the whole call (an unread aiortc track grows
-its queue without bound): the reader only submits frames to the engine, and a
-second task plays the results in order. When the model falls behind, the
+aiortc's own audio jitter buffer and decoder are bypassed (server.aiortc_compat):
+each RTP packet goes to our receive path (server.audio_receive), which submits
+whole frames to the engine; a task plays the results in order. The inbound
+track only tells when the caller's audio ends. When the model falls behind, the
 engine drops the oldest waiting frames and the outbound track the oldest
 unsent audio, so the delay stays bounded; drops are counted and reported on
 `events` as `{"type": "drops", ...}`, at most once a second. A call ends, once, when the caller hangs up, the
@@ -33,8 +34,9 @@ from typing import Protocol
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .audio_in import InboundAudio
+from . import aiortc_compat
 from .audio_out import OutboundAudioTrack
+from .audio_receive import AudioReceiver
 from .engine import Call, CallStats, Engine, FrameDropped
 from .ice import IceConfig
 
@@ -100,7 +102,8 @@ class CallSession:
         self.pc = RTCPeerConnection(ice.rtc_configuration(session_id))
         self.outbound = OutboundAudioTrack(sample_rate=engine.sample_rate, max_buffer_ms=max_output_buffer_ms,
                                            max_standing_ms=max_standing_ms)
-        self.inbound = InboundAudio(sample_rate=engine.sample_rate, frame_size=engine.frame_size)
+        self.receiver = AudioReceiver(self._on_inbound_frame, sample_rate=engine.sample_rate,
+                                      frame_size=engine.frame_size)
         self.events: RTCDataChannel | None = None
         self.stats = PeerStats(call.stats)
         self.started_at = time.monotonic()
@@ -143,6 +146,9 @@ class CallSession:
     async def answer(self, offer: RTCSessionDescription) -> RTCSessionDescription:
         """Apply the caller's offer; the answer returned already holds our ICE candidates."""
         await self.pc.setRemoteDescription(offer)
+        audio = [t for t in self.pc.getTransceivers() if t.kind == "audio"]
+        if audio:  # the caller's first audio stream is the call's; aiortc's decoder never sees it
+            aiortc_compat.tap_audio_receiver(audio[0].receiver, self.receiver.on_packet)
         self.pc.addTrack(self.outbound)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self.stats.answered_at = time.monotonic()
@@ -164,7 +170,7 @@ class CallSession:
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind != "audio" or self._reader is not None:
             return
-        self._reader = asyncio.ensure_future(self._read_audio(track))
+        self._reader = asyncio.ensure_future(self._watch_audio(track))
         self._player = asyncio.ensure_future(self._play_results())
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
@@ -198,41 +204,49 @@ class CallSession:
 
     def _media_path(self) -> str:
         """`relay` when the nominated ICE pair goes through TURN on either side, else `direct`."""
-        try:
-            transport = self.pc.getTransceivers()[0].receiver.transport.transport
-            pair = transport._connection._nominated.get(1)  # aioice's nominated pair for RTP
-            kinds = {pair.local_candidate.type, pair.remote_candidate.type}
-        except (AttributeError, IndexError):
+        kinds = aiortc_compat.nominated_candidate_types(self.pc)
+        if kinds is None:
             return "unknown"
         return "relay" if "relay" in kinds else "direct"
 
     # -- media --------------------------------------------------------------------------------
 
-    async def _read_audio(self, track: MediaStreamTrack) -> None:
+    async def _watch_audio(self, track: MediaStreamTrack) -> None:
+        """End the call when the caller's track ends or no packet came for the media timeout. The track
+        itself carries nothing: its packets go to the receive path."""
         reason, kind = "caller's audio ended", "caller_gone"
+        loop = asyncio.get_running_loop()
+        watching_since = loop.time()
         try:
-            while not self._ending:  # checked every frame: a cancel racing a frame can be lost in wait_for
-                try:
-                    frame = await asyncio.wait_for(track.recv(), self.media_timeout)
-                except asyncio.TimeoutError:
+            while not self._ending:  # checked every turn: a cancel racing a result can be lost in wait_for
+                silent_for = loop.time() - (self.receiver.last_packet_at or watching_since)
+                if silent_for >= self.media_timeout:
                     reason, kind = f"no audio from the caller for {self.media_timeout:g} s", "no_media"
                     self.send_event({"type": "error", "reason": reason})
                     break
-                for samples in self.inbound.push(frame):
-                    self._submit(samples)
+                try:
+                    await asyncio.wait_for(track.recv(), self.media_timeout - silent_for)
+                except asyncio.TimeoutError:
+                    continue
+                log.error("session %s: aiortc decoded a frame itself: the receive tap is bypassed", self.session_id)
         except MediaStreamError:
             pass
         except asyncio.CancelledError:
             return
-        except Exception as exc:  # the engine refused this call's frames
-            reason, kind = f"engine error: {exc}", "engine_error"
-            log.error("session %s: %s", self.session_id, reason)
-            self.send_event({"type": "error", "reason": reason})
         if not self._ending:
             asyncio.ensure_future(self.hang_up(reason, kind=kind))
 
-    def _submit(self, samples) -> None:
-        self._results.put_nowait(self.call.submit(samples))  # the call logs and counts its input level
+    def _on_inbound_frame(self, samples) -> None:
+        """A whole frame of the caller's audio from the receive path: to the engine, results in order."""
+        if self._ending:
+            return
+        try:
+            self._results.put_nowait(self.call.submit(samples))  # the call logs and counts its input level
+        except Exception as exc:  # the engine refused this call's frames
+            reason = f"engine error: {exc}"
+            log.error("session %s: %s", self.session_id, reason)
+            self.send_event({"type": "error", "reason": reason})
+            asyncio.ensure_future(self.hang_up(reason, kind="engine_error"))
 
     async def _play_results(self) -> None:
         """Take the engine's results in order: audio to the outbound track, text to `events`."""
@@ -265,18 +279,17 @@ class CallSession:
         queued_s = self.outbound.buffered_samples / self.outbound.sample_rate
         framing_s = self.engine.frame_size / self.engine.sample_rate / 2  # a sample waits half a frame on average
         rtt_s = self._rtt_s or 0.0
-        self.mouth_to_ear_estimate_s = framing_s + result.latency_ms / 1000 + queued_s + MODEL_FRAME_S + rtt_s
+        receive_s = self.receiver.target_delay_s  # how long a packet waits in the jitter buffer
+        self.mouth_to_ear_estimate_s = (receive_s + framing_s + result.latency_ms / 1000 + queued_s + MODEL_FRAME_S
+                                        + rtt_s)
         if self.observer is not None:
             self.observer.call_frame(result.input_rms, result.output_rms, self.mouth_to_ear_estimate_s)
 
     @property
     def _rtt_s(self) -> float | None:
         """The round trip time from the caller's RTCP receiver reports, when there are some."""
-        try:
-            sender = self.pc.getSenders()[0]
-            return sender._RTCRtpSender__rtt
-        except (AttributeError, IndexError):
-            return None
+        senders = self.pc.getSenders()
+        return aiortc_compat.sender_rtt_s(senders[0]) if senders else None
 
     def _report_drops(self) -> None:
         """Tell the caller when audio was dropped to keep the delay bounded; at most once a second."""
@@ -321,6 +334,7 @@ class CallSession:
                 await asyncio.wait(tasks, timeout=1.0)  # they also stop by themselves on the next frame
             await self.call.close()
         finally:  # whatever failed above, the peer's sockets close and nobody waits forever
+            self.receiver.close()
             self.outbound.stop()
             await _close_peer(self.pc)
             self.ended.set()
@@ -348,6 +362,7 @@ class CallSession:
             "frames_dropped": call.frames_dropped,
             "outbound_samples_dropped": self.outbound.samples_dropped,
             "path": self.path,
+            "receive": self.receiver.stats.as_dict(),
             "mouth_to_ear_estimate_ms": (
                 round(1000 * self.mouth_to_ear_estimate_s) if self.mouth_to_ear_estimate_s is not None else None
             ),

@@ -8,6 +8,7 @@ frame (the engine steps whoever has a frame ready).
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import numpy as np
 import pytest
@@ -15,9 +16,11 @@ from conftest import start_server, stop_server
 from test_call_e2e import speechlike, tone
 
 import signaling.app
+from server import audio_receive
 from server.caller import place_call
 from server.engine import Call
 from server.engine_setup import create_engine
+from server.jitter_buffer import JitterBuffer
 from server.model_source import ModelSource
 from server.moshi_step import GREEDY
 from server.peer import CallSession
@@ -52,9 +55,10 @@ def answered(record: dict[str, list]) -> tuple[list, list]:
     return [r.text for r in results], [r.audio for r in results]
 
 
-async def test_concurrent_callers_each_hear_only_the_answer_to_their_own_voice(engine_traffic):
-    # A deep backlog: this test is about isolation, so a busy machine must not drop frames here
-    # (dropping is the bounded-delay feature, tested on its own).
+async def test_concurrent_callers_each_hear_only_the_answer_to_their_own_voice(engine_traffic, monkeypatch):
+    # A deep backlog and a deep receive buffer: this test is about isolation, so a busy machine must not
+    # drop frames or conceal late packets here (both are features with tests of their own).
+    monkeypatch.setattr(audio_receive, "JitterBuffer", functools.partial(JitterBuffer, min_target_s=0.3))
     server = await start_server(create_engine(ModelSource("tiny"), max_calls=3, sampling=GREEDY,
                                               max_backlog_frames=100))
     voices = [speechlike(2.5, seed=1), tone(330, 2.5, -18), speechlike(2.5, seed=7)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fractions
 
 import av
@@ -88,10 +89,8 @@ def test_garbage_is_refused_and_the_decoder_goes_on(payload):
     packets = encode(tone(0.2))
     decoder = OpusDecoder(24000)
     decoder.decode(packets[0])
-    try:
+    with contextlib.suppress(OpusError):  # some of these happen to parse as tiny Opus packets
         decoder.decode(payload)
-    except OpusError:
-        pass
     out = decoder.decode(packets[1])
     assert len(out) == 480 and np.isfinite(out).all()
     with pytest.raises(OpusError):

@@ -1,0 +1,164 @@
+"""One call's inbound audio, from RTP packets to engine frames: our own receive path.
+
+    RTP packet (from aiortc, see server.aiortc_compat) --> JitterBuffer (when each 20 ms slot is due)
+        --> libopus (decode, in-band FEC, concealment, at 24 kHz mono) --> InboundAudio (1920-sample frames)
+        --> on_frame(samples)
+
+aiortc's own audio receive path waits on a missing packet until a fixed
+buffer fills and then stays that deep, throws away what it had buffered,
+and never conceals: one lost packet added 200 ms to the rest of a call and
+5% loss silenced 23% of a caller's audio (issue #13). This path decides
+each slot on time (server.jitter_buffer), restores a lost packet from the
+next one's FEC or conceals it, and keeps media time exact: every 20 ms of
+the caller's RTP time becomes exactly 20 ms of samples, so the engine's
+frames never shift.
+
+Everything runs on the event loop: a packet is added as it arrives, and a
+timer fires when the next slot is due. Nothing a caller sends can raise out
+of `on_packet`: garbage is counted and its slot concealed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .audio_in import InboundAudio
+from .jitter_buffer import Conceal, JitterBuffer, Play, Recover, Silence, Slot
+from .opus_codec import OpusDecoder, OpusError
+
+log = logging.getLogger(__name__)
+
+RTP_CLOCK = 48000  # Opus's RTP clock, whatever rate it was encoded at (RFC 7587)
+MAX_SILENCE_S = 2.0
+
+
+@dataclass
+class ReceiveStats:
+    """Per call, for /sessions/{id} and /metrics."""
+
+    packets: int = 0
+    lost: int = 0  # slots whose packet was missing when due
+    late: int = 0  # packets that came after their slot was filled without them
+    duplicates: int = 0
+    recovered: int = 0  # lost packets restored from the next packet's in-band FEC
+    concealed_ms: int = 0  # audio made up by libopus's concealment
+    silence_ms: int = 0  # gaps in the sender's RTP time, and losses past the concealment limit
+    bad_packets: int = 0  # not Opus, or libopus refused them (their slots are concealed)
+    restarts: int = 0
+    target_delay_ms: float = 0.0
+    buffered_ms: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class AudioReceiver:
+    """Feed RTP packets in (`on_packet`); whole engine frames come out through `on_frame`."""
+
+    def __init__(
+        self,
+        on_frame: Callable[[np.ndarray], None],
+        sample_rate: int = 24000,
+        frame_size: int = 1920,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ):
+        self.on_frame = on_frame
+        self.sample_rate = sample_rate
+        self.loop = loop or asyncio.get_event_loop()
+        self.buffer = JitterBuffer(clock_rate=RTP_CLOCK)
+        self.decoder = OpusDecoder(sample_rate)
+        self.framer = InboundAudio(sample_rate=sample_rate, frame_size=frame_size)
+        self._stats = ReceiveStats()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.last_packet_at: float | None = None  # loop time
+
+    # -- in -------------------------------------------------------------------------------------
+
+    def on_packet(self, ssrc: int, sequence_number: int, timestamp: int, payload: bytes) -> None:
+        """One RTP packet of the caller's Opus stream, as it arrives. Never raises."""
+        if self._closed:
+            return
+        now = self.loop.time()
+        self.last_packet_at = now
+        self._stats.packets += 1
+        try:
+            samples = self.decoder.samples_in(payload) if payload else 0
+        except OpusError:
+            samples = 0
+        if samples <= 0:
+            self._stats.bad_packets += 1  # its slot will be concealed when it is due
+        else:
+            self.buffer.add(sequence_number, timestamp, payload, now, ssrc=ssrc,
+                            ticks=samples * RTP_CLOCK // self.sample_rate, has_fec=self.decoder.has_fec(payload))
+        self._drain()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.decoder.close()
+
+    # -- out ------------------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Fill every slot that is due, then wake up when the next one is."""
+        if self._closed:
+            return
+        now = self.loop.time()
+        while (slot := self.buffer.pop(now)) is not None:
+            for frame in self.framer.push_samples(self._render(slot)):
+                try:
+                    self.on_frame(frame)
+                except Exception:  # the consumer's failure must not stop the clock or reach aiortc
+                    log.exception("inbound audio consumer failed")
+        if self._timer is not None:
+            self._timer.cancel()
+        due = self.buffer.due_at()
+        self._timer = self.loop.call_at(due, self._drain) if due is not None else None
+
+    def _render(self, slot: Slot) -> np.ndarray:
+        """Exactly the slot's duration of audio, whatever libopus returns."""
+        samples = slot.ticks * self.sample_rate // RTP_CLOCK
+        if isinstance(slot, Silence):
+            self._stats.silence_ms += 1000 * samples // self.sample_rate
+            return np.zeros(min(samples, int(MAX_SILENCE_S * self.sample_rate)), dtype=np.float32)
+        try:
+            if isinstance(slot, Play):
+                audio = self.decoder.decode(slot.payload)
+            elif isinstance(slot, Recover) and self.decoder.has_fec(slot.next_payload):
+                audio = self.decoder.decode_fec(slot.next_payload, samples)
+                self._stats.recovered += 1
+            else:
+                assert isinstance(slot, (Recover, Conceal))
+                audio = self._conceal(samples)
+        except OpusError:
+            self._stats.bad_packets += 1
+            audio = self._conceal(samples)
+        if len(audio) != samples:
+            audio = np.pad(audio, (0, max(0, samples - len(audio))))[:samples]
+        return audio
+
+    def _conceal(self, samples: int) -> np.ndarray:
+        self._stats.concealed_ms += 1000 * samples // self.sample_rate
+        return self.decoder.conceal(samples)
+
+    # -- figures --------------------------------------------------------------------------------
+
+    @property
+    def target_delay_s(self) -> float:
+        return self.buffer.target_s
+
+    @property
+    def stats(self) -> ReceiveStats:
+        jitter = self.buffer.stats
+        self._stats.lost, self._stats.late = jitter.lost, jitter.late
+        self._stats.duplicates, self._stats.restarts = jitter.duplicates, jitter.restarts
+        self._stats.target_delay_ms = round(1000 * self.buffer.target_s, 1)
+        self._stats.buffered_ms = round(1000 * self.buffer.buffered_s, 1)
+        return self._stats
