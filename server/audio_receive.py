@@ -42,14 +42,17 @@ class ReceiveStats:
     """Per call, for /sessions/{id} and /metrics."""
 
     packets: int = 0
+    played: int = 0  # slots filled by their own packet
     lost: int = 0  # slots whose packet was missing when due
     late: int = 0  # packets that came after their slot was filled without them
     duplicates: int = 0
     recovered: int = 0  # lost packets restored from the next packet's in-band FEC
     concealed_ms: int = 0  # audio made up by libopus's concealment
     silence_ms: int = 0  # gaps in the sender's RTP time, and losses past the concealment limit
-    bad_packets: int = 0  # not Opus, or libopus refused them (their slots are concealed)
+    bad_packets: int = 0  # not Opus: refused on arrival (their slots are concealed)
+    decode_errors: int = 0  # parsed as Opus, but libopus could not decode them (concealed instead)
     restarts: int = 0
+    pauses: int = 0  # losses past 100 ms, after which the stream went on from a later packet
     target_delay_ms: float = 0.0
     buffered_ms: float = 0.0
 
@@ -138,7 +141,7 @@ class AudioReceiver:
                 assert isinstance(slot, (Recover, Conceal))
                 audio = self._conceal(samples)
         except OpusError:
-            self._stats.bad_packets += 1
+            self._stats.decode_errors += 1
             audio = self._conceal(samples)
         if len(audio) != samples:
             audio = np.pad(audio, (0, max(0, samples - len(audio))))[:samples]
@@ -157,7 +160,8 @@ class AudioReceiver:
     @property
     def stats(self) -> ReceiveStats:
         jitter = self.buffer.stats
-        self._stats.lost, self._stats.late = jitter.lost, jitter.late
+        self._stats.played, self._stats.lost, self._stats.late = jitter.played, jitter.lost, jitter.late
+        self._stats.pauses = jitter.pauses
         self._stats.duplicates, self._stats.restarts = jitter.duplicates, jitter.restarts
         self._stats.target_delay_ms = round(1000 * self.buffer.target_s, 1)
         self._stats.buffered_ms = round(1000 * self.buffer.buffered_s, 1)

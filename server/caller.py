@@ -17,6 +17,7 @@ import time
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 import numpy as np
@@ -33,6 +34,11 @@ RECORD_RATE = 24000
 
 class CallFailed(RuntimeError):
     """The call was answered but media could not flow (ICE or TURN)."""
+
+
+class SdpRewrite(Protocol):
+    def offer(self, sdp: str) -> str: ...
+    def answer(self, sdp: str) -> str: ...
 
 
 class CallRefused(RuntimeError):
@@ -110,6 +116,7 @@ async def place_call(
     http: aiohttp.ClientSession | None = None,
     persona: dict | None = None,
     token: str | None = None,
+    sdp: SdpRewrite | None = None,
 ) -> CallRecording:
     """Call `url` (the server's base URL), stream `audio` in real time, record the reply.
 
@@ -120,12 +127,14 @@ async def place_call(
     once the audio is out (as an open microphone does), or stop sending.
     `persona`: {"prompt": ..., "voice": ...} for a model that takes one.
     `token`: the server's API token, sent as `Authorization: Bearer`.
+    `sdp`: rewrites the offer before it is sent and the answer before it is applied (an impairment
+    relay routes the media through itself this way).
     """
     if http is None:
         async with aiohttp.ClientSession() as own_http:
             return await place_call(url, audio, rate=rate, tail_s=tail_s, events=events, ice=ice,
                                     relay_only=relay_only, hang_up=hang_up, silence_after=silence_after,
-                                    http=own_http, persona=persona, token=token)
+                                    http=own_http, persona=persona, token=token, sdp=sdp)
     recording = CallRecording()
     auth = {"Authorization": f"Bearer {token}"} if token else {}
     if ice is None:
@@ -173,7 +182,8 @@ async def place_call(
         if relay_only and " typ relay" not in pc.localDescription.sdp:
             raise CallFailed("no TURN relay candidate: the TURN server is unreachable or refused the credentials")
         posted = time.monotonic()
-        offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+        offer = {"sdp": pc.localDescription.sdp if sdp is None else sdp.offer(pc.localDescription.sdp),
+                 "type": "offer"}
         if persona is not None:
             offer["persona"] = persona
         async with http.post(f"{url}/offer", json=offer, headers=auth) as response:
@@ -183,7 +193,8 @@ async def place_call(
         recording.offer_ms = 1000 * (time.monotonic() - posted)
         recording.session_id = body["session_id"]
         recording.answered_at = time.monotonic()
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type=body["type"]))
+        answer = body["sdp"] if sdp is None else sdp.answer(body["sdp"])
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type=body["type"]))
         await _first_of(connected, failed, timeout=10)
         if not connected.is_set():
             raise CallFailed(f"ICE did not connect ({pc.connectionState}): no candidate pair worked")

@@ -1,0 +1,133 @@
+"""Our own receive path in real calls: aiortc's jitter buffer bypassed, losses concealed on time.
+
+Real aiortc callers send real Opus through a userspace UDP relay on loopback
+(tests/net_relay.py) that drops chosen RTP packets of the caller's stream.
+What is asserted is structure, not timing: which slots were concealed, that
+media time stayed exact (20 ms of audio per 20 ms of RTP time), that no
+20 ms of the caller's voice reached the engine as silence.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiortc
+import numpy as np
+import pytest
+from conftest import start_server, stop_server
+from net_relay import UdpRelay, lose
+from test_call_e2e import tone
+
+import signaling.app
+from server import aiortc_compat
+from server.caller import place_call
+from server.engine import Call
+from server.engine_setup import create_engine
+from server.model_source import ModelSource
+from server.peer import CallSession
+
+WINDOW = 480  # 20 ms at 24 kHz
+END_CONCEALMENT = 5  # the caller stops sending at the end: 100 ms are concealed before the stream pauses
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """The sessions the server made, and every frame each call submitted to the engine."""
+    sessions: dict[str, CallSession] = {}
+    inputs: dict[int, list[np.ndarray]] = {}
+    original_submit = Call.submit
+
+    def submit(self, frame):
+        inputs.setdefault(id(self), []).append(frame.copy())
+        return original_submit(self, frame)
+
+    class RecordedSession(CallSession):
+        def __init__(self, session_id, *args, **kwargs):
+            super().__init__(session_id, *args, **kwargs)
+            sessions[session_id] = self
+
+    monkeypatch.setattr(Call, "submit", submit)
+    monkeypatch.setattr(signaling.app, "CallSession", RecordedSession)
+    return sessions, inputs
+
+
+@pytest.fixture
+async def server():
+    running = await start_server(create_engine(ModelSource("echo"), max_calls=2, max_backlog_frames=50))
+    yield running
+    await stop_server(running)
+
+
+def quiet_windows(frames: list[np.ndarray], level_dbfs: float = -30.0) -> int:
+    """20 ms windows of the steady middle of a call whose level is far under the tone's."""
+    audio = np.concatenate(frames)[12 * WINDOW : -12 * WINDOW]
+    windows = audio[: len(audio) // WINDOW * WINDOW].reshape(-1, WINDOW)
+    rms_db = 20 * np.log10(np.sqrt(np.mean(windows.astype(np.float64) ** 2, axis=1)) + 1e-12)
+    return int((rms_db < level_dbfs).sum())
+
+
+async def call_through(server, recorded, relay: UdpRelay | None, seconds: float = 4.0):
+    sessions, inputs = recorded
+    recording = await place_call(server.url, tone(440, seconds, -20.0), tail_s=0.3, sdp=relay,
+                                 silence_after=False)
+    session = sessions[recording.session_id]
+    return session, session.receiver.stats, inputs[id(session.call)]
+
+
+def assert_media_time_exact(session: CallSession, stats, frames: list[np.ndarray]) -> None:
+    """Every RTP slot became exactly 20 ms of samples: the engine's frames hold them all, none more."""
+    slots = stats.played + stats.lost
+    assert len(frames) == slots * WINDOW // 1920
+    assert session.call.stats.frames_in == len(frames)
+
+
+async def test_every_packet_takes_our_path_and_aiortc_decodes_none(server, recorded, caplog):
+    with caplog.at_level(logging.ERROR):
+        session, stats, frames = await call_through(server, recorded, relay=None, seconds=3.0)
+    assert stats.packets >= 140 and stats.played >= 140  # 3 s of 20 ms packets
+    assert_media_time_exact(session, stats, frames)
+    assert "receive tap is bypassed" not in caplog.text  # aiortc's own decoder never produced a frame
+    assert session.summary()["receive"]["packets"] == stats.packets
+    assert quiet_windows(frames) == 0
+
+
+async def test_one_lost_packet_is_concealed_in_time_and_costs_nothing_after(server, recorded):
+    relay = await UdpRelay(up=lose(100)).start()
+    try:
+        session, stats, frames = await call_through(server, recorded, relay)
+    finally:
+        relay.close()
+    assert relay.up.dropped == 1
+    # Any other loss is a packet that came late (a busy machine), or the end of the call.
+    assert 1 <= stats.lost <= 1 + stats.late + END_CONCEALMENT
+    assert stats.concealed_ms >= 20 and stats.pauses == 0
+    assert_media_time_exact(session, stats, frames)
+    assert quiet_windows(frames) == 0  # concealed: no 20 ms of hard silence where the packet was
+    # Nothing stays behind: the buffer does not grow deeper for the rest of the call.
+    assert stats.buffered_ms <= stats.target_delay_ms + 20
+
+
+async def test_five_percent_loss_is_concealed_and_the_stream_never_pauses(server, recorded):
+    relay = await UdpRelay(up=lose(*range(30, 1000, 20))).start()
+    try:
+        session, stats, frames = await call_through(server, recorded, relay)
+    finally:
+        relay.close()
+    assert relay.up.dropped >= 9
+    assert relay.up.dropped <= stats.lost <= relay.up.dropped + stats.late + END_CONCEALMENT
+    assert stats.pauses == 0 and stats.concealed_ms >= 20 * relay.up.dropped
+    assert_media_time_exact(session, stats, frames)
+    assert quiet_windows(frames) == 0
+
+
+def test_a_changed_aiortc_is_refused_not_silently_bypassed(monkeypatch):
+    monkeypatch.setattr(aiortc, "__version__", "1.17.0")
+    with pytest.raises(aiortc_compat.AiortcChanged, match="1.17.0"):
+        aiortc_compat.check_version()
+
+    class NotAReceiver:
+        _RTCRtpReceiver__kind = "audio"
+
+    monkeypatch.setattr(aiortc, "__version__", "1.16.0")
+    with pytest.raises(aiortc_compat.AiortcChanged, match="jitter_buffer"):
+        aiortc_compat.tap_audio_receiver(NotAReceiver(), lambda *packet: None)
