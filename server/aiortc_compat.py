@@ -1,7 +1,7 @@
 """Every use of aiortc's private parts, in one place, pinned to the aiortc version it was written for.
 
-aiortc has no extension point for a receiver's jitter buffer, the RTT its
-sender measures, or the ICE pair it nominated. This module reaches for
+aiortc has no extension point for a receiver's jitter buffer, a sender's
+encoder, the RTT its sender measures, or the ICE pair it nominated. This module reaches for
 them, checks that they are where aiortc 1.16 keeps them, and raises
 `AiortcChanged` (naming what moved) rather than silently doing nothing
 after an upgrade; `tests/test_audio_receive.py` fails if the tap is bypassed.
@@ -13,7 +13,12 @@ import logging
 from collections.abc import Callable
 
 import aiortc
+import av
+import numpy as np
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc.codecs.base import Encoder
+
+from .opus_codec import OpusEncoder
 
 log = logging.getLogger(__name__)
 
@@ -80,3 +85,54 @@ def nominated_candidate_types(pc: RTCPeerConnection) -> set[str] | None:
         return {pair.local_candidate.type, pair.remote_candidate.type}
     except (AttributeError, IndexError):
         return None
+
+
+class OpusSenderEncoder(Encoder):
+    """aiortc's encoder interface around our libopus encoder (server.opus_codec.OpusEncoder): mono, FEC
+    with an expected loss that the owner updates (`set_expected_loss`), one packet per 20 ms frame.
+    aiortc calls `encode` on an executor thread; the loss is an int handed over between threads."""
+
+    def __init__(self, expected_loss_percent: int = 0):
+        self.expected_loss_percent = expected_loss_percent
+        self._opus: OpusEncoder | None = None
+        self._pending = np.zeros(0, dtype=np.float32)
+        self._samples_out = 0  # at the encoder's rate
+
+    def set_expected_loss(self, percent: float) -> None:
+        self.expected_loss_percent = int(min(100, max(0, round(percent))))
+
+    def encode(self, frame: av.AudioFrame, force_keyframe: bool = False) -> tuple[list[bytes], int | None]:
+        if self._opus is None:
+            self._opus = OpusEncoder(frame.sample_rate, expected_loss_percent=self.expected_loss_percent)
+        opus = self._opus
+        opus.set_expected_loss(self.expected_loss_percent)
+        planes = frame.to_ndarray().astype(np.float32)
+        if frame.format.name in ("s16", "s16p"):
+            planes /= 32768.0
+        if not frame.format.is_planar:
+            planes = planes.reshape(-1, len(frame.layout.channels)).T
+        samples = np.concatenate([self._pending, planes.mean(axis=0)])  # average: no -3 dB downmix
+        if len(samples) < opus.frame_samples:
+            self._pending = samples
+            return [], None
+        packet = opus.encode(samples[: opus.frame_samples])
+        self._pending = samples[opus.frame_samples :][: 4 * opus.frame_samples]  # bounded, if frames overrun
+        timestamp = self._samples_out * 48000 // opus.sample_rate  # Opus's RTP clock is 48 kHz
+        self._samples_out += opus.frame_samples
+        return [packet], timestamp
+
+    def pack(self, packet) -> tuple[list[bytes], int]:
+        raise NotImplementedError("this encoder takes audio frames, not encoded packets")
+
+
+_ENCODER = "_RTCRtpSender__encoder"
+
+
+def use_opus_encoder(sender: RTCRtpSender, encoder: OpusSenderEncoder) -> None:
+    """Make an audio sender encode with `encoder` (aiortc would make its own, without FEC, at first send)."""
+    check_version()
+    if getattr(sender, "_RTCRtpSender__kind", None) != "audio":
+        raise ValueError("only an audio sender can take an Opus encoder")
+    if not hasattr(sender, _ENCODER):
+        raise AiortcChanged(f"aiortc {aiortc.__version__}'s RTCRtpSender has no {_ENCODER}")
+    setattr(sender, _ENCODER, encoder)

@@ -24,6 +24,7 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from . import aiortc_compat
 from .audio_in import InboundAudio
 from .audio_out import OutboundAudioTrack
 from .ice import IceConfig, IceServer
@@ -117,6 +118,7 @@ async def place_call(
     persona: dict | None = None,
     token: str | None = None,
     sdp: SdpRewrite | None = None,
+    fec_loss_percent: int | None = None,
 ) -> CallRecording:
     """Call `url` (the server's base URL), stream `audio` in real time, record the reply.
 
@@ -128,13 +130,15 @@ async def place_call(
     `persona`: {"prompt": ..., "voice": ...} for a model that takes one.
     `token`: the server's API token, sent as `Authorization: Bearer`.
     `sdp`: rewrites the offer before it is sent and the answer before it is applied (an impairment
-    relay routes the media through itself this way).
+    relay routes the media through itself this way). `fec_loss_percent`: send with our libopus encoder and
+    in-band FEC for this expected loss, as a browser does once it sees loss (aiortc's encoder sends none).
     """
     if http is None:
         async with aiohttp.ClientSession() as own_http:
             return await place_call(url, audio, rate=rate, tail_s=tail_s, events=events, ice=ice,
                                     relay_only=relay_only, hang_up=hang_up, silence_after=silence_after,
-                                    http=own_http, persona=persona, token=token, sdp=sdp)
+                                    http=own_http, persona=persona, token=token, sdp=sdp,
+                                    fec_loss_percent=fec_loss_percent)
     recording = CallRecording()
     auth = {"Authorization": f"Bearer {token}"} if token else {}
     if ice is None:
@@ -146,7 +150,9 @@ async def place_call(
     voice = OutboundAudioTrack(sample_rate=rate, max_buffer_ms=int(1000 * (len(audio) / rate + 60)),
                                end_when_drained=not silence_after)
     voice.push(audio)
-    pc.addTrack(voice)
+    sender = pc.addTrack(voice)
+    if fec_loss_percent is not None:
+        aiortc_compat.use_opus_encoder(sender, aiortc_compat.OpusSenderEncoder(fec_loss_percent))
     connected = asyncio.Event()
     failed = asyncio.Event()
     reader: asyncio.Task | None = None

@@ -10,7 +10,9 @@ to the system's libopus. No codec is written here: three libopus calls.
 
 The decoder runs at the engine's rate (24 kHz) and in mono: libopus decodes
 any Opus stream at 8, 12, 16, 24 or 48 kHz and downmixes stereo itself, so
-the receive path needs no resampler.
+the receive path needs no resampler. The encoder (the model's voice to the
+caller) is libopus too, for the same reason: in-band FEC whose expected loss
+follows the caller's receiver reports, which FFmpeg's wrapper fixes at open.
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ def libopus() -> ctypes.CDLL:
     lib.opus_strerror.restype = ctypes.c_char_p
     lib.opus_strerror.argtypes = [ctypes.c_int]
     lib.opus_get_version_string.restype = ctypes.c_char_p
+    lib.opus_encoder_create.restype = ctypes.c_void_p
+    lib.opus_encoder_create.argtypes = [ctypes.c_int32, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+    lib.opus_encoder_destroy.argtypes = [ctypes.c_void_p]
+    lib.opus_encode_float.restype = ctypes.c_int32
+    lib.opus_encode_float.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int,
+                                      ctypes.c_char_p, ctypes.c_int32]
+    lib.opus_encoder_ctl.restype = ctypes.c_int  # variadic: (state, request, int)
     return lib
 
 
@@ -118,3 +127,68 @@ class OpusDecoder:
         if count < 0:
             raise OpusError(f"opus_decode_float: {self._lib.opus_strerror(count).decode()}")
         return np.ctypeslib.as_array(self._pcm)[:count].copy()
+
+
+# libopus's encoder requests (opus_defines.h)
+_APPLICATION_VOIP = 2048
+_SET_BITRATE = 4002
+_SET_COMPLEXITY = 4010
+_SET_INBAND_FEC = 4012
+_SET_PACKET_LOSS_PERC = 4014
+_SET_DTX = 4016
+
+
+class OpusEncoder:
+    """Mono Opus for a voice, 20 ms packets. Choices, deliberately: mono (the model speaks mono at 24 kHz;
+    stereo would double the bits for nothing), 32 kbit/s (browsers' default for mono voice, ample for
+    24 kHz speech), in-band FEC on with the expected loss set from what the caller reports (libopus adds
+    FEC only when loss is expected, so a clean link pays nothing), DTX off (the model's voice is
+    continuous, and DTX gaps would look like loss to the caller's jitter buffer)."""
+
+    def __init__(self, sample_rate: int = 24000, bitrate: int = 32000, expected_loss_percent: int = 0):
+        self._state = None
+        if sample_rate not in OPUS_RATES:
+            raise ValueError(f"Opus encodes at {OPUS_RATES} Hz, not {sample_rate}")
+        self.sample_rate = sample_rate
+        self.frame_samples = sample_rate // 50
+        self._lib = libopus()
+        error = ctypes.c_int(0)
+        self._state = self._lib.opus_encoder_create(sample_rate, 1, _APPLICATION_VOIP, ctypes.byref(error))
+        if error.value != 0 or not self._state:
+            raise OSError(f"opus_encoder_create: {self._lib.opus_strerror(error.value).decode()}")
+        for request, value in ((_SET_BITRATE, bitrate), (_SET_COMPLEXITY, 9), (_SET_INBAND_FEC, 1), (_SET_DTX, 0)):
+            self._ctl(request, value)
+        self.expected_loss_percent = -1
+        self.set_expected_loss(expected_loss_percent)
+        self._out = ctypes.create_string_buffer(1500)
+
+    def _ctl(self, request: int, value: int) -> None:
+        status = self._lib.opus_encoder_ctl(ctypes.c_void_p(self._state), ctypes.c_int(request), ctypes.c_int(value))
+        if status != 0:
+            raise OSError(f"opus_encoder_ctl({request}, {value}): {self._lib.opus_strerror(status).decode()}")
+
+    def set_expected_loss(self, percent: float) -> None:
+        """The packet loss the caller reports, so libopus spends bits on FEC only when it helps."""
+        percent = int(min(100, max(0, round(percent))))
+        if percent != self.expected_loss_percent and self._state:
+            self._ctl(_SET_PACKET_LOSS_PERC, percent)
+            self.expected_loss_percent = percent
+
+    def encode(self, samples: np.ndarray) -> bytes:
+        """One 20 ms frame (`frame_samples` float32 samples in [-1, 1]) to one Opus packet."""
+        if len(samples) != self.frame_samples:
+            raise ValueError(f"Opus frames here are {self.frame_samples} samples, got {len(samples)}")
+        pcm = np.ascontiguousarray(samples, dtype=np.float32)
+        count = self._lib.opus_encode_float(self._state, pcm.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                            self.frame_samples, self._out, len(self._out))
+        if count < 0:
+            raise OpusError(f"opus_encode_float: {self._lib.opus_strerror(count).decode()}")
+        return self._out.raw[:count]
+
+    def close(self) -> None:
+        if self._state:
+            self._lib.opus_encoder_destroy(self._state)
+            self._state = None
+
+    def __del__(self) -> None:
+        self.close()

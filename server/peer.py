@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from . import aiortc_compat
@@ -39,6 +39,7 @@ from .audio_out import OutboundAudioTrack
 from .audio_receive import AudioReceiver
 from .engine import Call, CallStats, Engine, FrameDropped
 from .ice import IceConfig
+from .opus_sdp import with_opus_fec
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class CallObserver(Protocol):
 
 # The model answers a frame one frame later than it hears it (its structural delay).
 MODEL_FRAME_S = 0.08
+OPUS_ONLY = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"]
+LOSS_REPORT_EVERY_S = 1.0
 
 
 class CallSession:
@@ -104,6 +107,7 @@ class CallSession:
                                            max_standing_ms=max_standing_ms)
         self.receiver = AudioReceiver(self._on_inbound_frame, sample_rate=engine.sample_rate,
                                       frame_size=engine.frame_size)
+        self.encoder = aiortc_compat.OpusSenderEncoder()  # in-band FEC as the caller's reports ask for
         self.events: RTCDataChannel | None = None
         self.stats = PeerStats(call.stats)
         self.started_at = time.monotonic()
@@ -113,6 +117,7 @@ class CallSession:
         self._on_end = on_end
         self._reader: asyncio.Task | None = None
         self._player: asyncio.Task | None = None
+        self._loss_follower: asyncio.Task | None = None
         self._results: asyncio.Queue[asyncio.Future] = asyncio.Queue()
         self._drops_reported = (0, 0)
         self._drops_reported_at = 0.0
@@ -145,11 +150,14 @@ class CallSession:
 
     async def answer(self, offer: RTCSessionDescription) -> RTCSessionDescription:
         """Apply the caller's offer; the answer returned already holds our ICE candidates."""
+        # The transceiver exists before the offer is applied, so that codecs are negotiated with our
+        # preference: Opus only, whatever else is offered (both media paths here speak Opus).
+        audio = self.pc.addTransceiver("audio", direction="sendrecv")
+        audio.setCodecPreferences(OPUS_ONLY)
         await self.pc.setRemoteDescription(offer)
-        audio = [t for t in self.pc.getTransceivers() if t.kind == "audio"]
-        if audio:  # the caller's first audio stream is the call's; aiortc's decoder never sees it
-            aiortc_compat.tap_audio_receiver(audio[0].receiver, self.receiver.on_packet)
-        self.pc.addTrack(self.outbound)
+        aiortc_compat.tap_audio_receiver(audio.receiver, self.receiver.on_packet)  # aiortc's decoder sees nothing
+        audio.sender.replaceTrack(self.outbound)
+        aiortc_compat.use_opus_encoder(audio.sender, self.encoder)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         self.stats.answered_at = time.monotonic()
         if self._reader is None:  # no audio track came with the offer: nothing will ever start the reader
@@ -159,7 +167,8 @@ class CallSession:
                 "the server got no TURN relay candidate: the TURN server is unreachable or refused "
                 "the server's credentials (check --turn-url and --turn-secret)"
             )
-        return self.pc.localDescription
+        local = self.pc.localDescription
+        return RTCSessionDescription(sdp=with_opus_fec(local.sdp), type=local.type)
 
     def _no_track(self) -> None:
         if self._reader is None and not self._ending:
@@ -172,6 +181,7 @@ class CallSession:
             return
         self._reader = asyncio.ensure_future(self._watch_audio(track))
         self._player = asyncio.ensure_future(self._play_results())
+        self._loss_follower = asyncio.ensure_future(self._follow_reported_loss())
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != EVENTS_LABEL:
@@ -235,6 +245,20 @@ class CallSession:
             return
         if not self._ending:
             asyncio.ensure_future(self.hang_up(reason, kind=kind))
+
+    async def _follow_reported_loss(self) -> None:
+        """Set our encoder's expected loss from the caller's RTCP receiver reports, once a second."""
+        try:
+            while not self._ending:
+                await asyncio.sleep(LOSS_REPORT_EVERY_S)
+                for sender in self.pc.getSenders():
+                    for report in (await sender.getStats()).values():
+                        if report.type == "remote-inbound-rtp" and report.fractionLost is not None:
+                            self.encoder.set_expected_loss(100 * report.fractionLost / 256)  # RTCP's 8-bit fraction
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # noqa: BLE001 - statistics are best effort; the call goes on
+            log.warning("session %s: cannot follow the caller's loss reports: %s", self.session_id, exc)
 
     def _on_inbound_frame(self, samples) -> None:
         """A whole frame of the caller's audio from the receive path: to the engine, results in order."""
@@ -326,7 +350,7 @@ class CallSession:
                 self._no_track_timer.cancel()
             log.info("session %s: ending (%s)", self.session_id, reason)
             self.send_event({"type": "bye", "reason": reason})
-            tasks = {t for t in (self._reader, self._player, self._prompt_watch)
+            tasks = {t for t in (self._reader, self._player, self._prompt_watch, self._loss_follower)
                      if t is not None and t is not asyncio.current_task()}
             for task in tasks:
                 task.cancel()
@@ -363,6 +387,7 @@ class CallSession:
             "outbound_samples_dropped": self.outbound.samples_dropped,
             "path": self.path,
             "receive": self.receiver.stats.as_dict(),
+            "send": {"expected_loss_percent": self.encoder.expected_loss_percent},
             "mouth_to_ear_estimate_ms": (
                 round(1000 * self.mouth_to_ear_estimate_s) if self.mouth_to_ear_estimate_s is not None else None
             ),

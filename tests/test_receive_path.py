@@ -10,13 +10,14 @@ media time stayed exact (20 ms of audio per 20 ms of RTP time), that no
 from __future__ import annotations
 
 import logging
+import re
 
 import aiortc
 import numpy as np
 import pytest
 from conftest import start_server, stop_server
 from net_relay import UdpRelay, lose
-from test_call_e2e import tone
+from test_call_e2e import speechlike, tone
 
 import signaling.app
 from server import aiortc_compat
@@ -66,10 +67,10 @@ def quiet_windows(frames: list[np.ndarray], level_dbfs: float = -30.0) -> int:
     return int((rms_db < level_dbfs).sum())
 
 
-async def call_through(server, recorded, relay: UdpRelay | None, seconds: float = 4.0):
+async def call_through(server, recorded, relay: UdpRelay | None, seconds: float = 4.0, audio=None, **options):
     sessions, inputs = recorded
-    recording = await place_call(server.url, tone(440, seconds, -20.0), tail_s=0.3, sdp=relay,
-                                 silence_after=False)
+    audio = tone(440, seconds, -20.0) if audio is None else audio
+    recording = await place_call(server.url, audio, tail_s=0.3, sdp=relay, silence_after=False, **options)
     session = sessions[recording.session_id]
     return session, session.receiver.stats, inputs[id(session.call)]
 
@@ -131,3 +132,36 @@ def test_a_changed_aiortc_is_refused_not_silently_bypassed(monkeypatch):
     monkeypatch.setattr(aiortc, "__version__", "1.16.0")
     with pytest.raises(aiortc_compat.AiortcChanged, match="jitter_buffer"):
         aiortc_compat.tap_audio_receiver(NotAReceiver(), lambda *packet: None)
+
+
+async def test_a_callers_in_band_fec_restores_lost_packets(server, recorded):
+    """The caller sends FEC (as a browser does once it sees loss); lost packets come back from it."""
+    relay = await UdpRelay(up=lose(*range(40, 1000, 10))).start()
+    try:
+        session, stats, frames = await call_through(server, recorded, relay, audio=speechlike(4.0),
+                                                    fec_loss_percent=20)
+    finally:
+        relay.close()
+    assert relay.up.dropped >= 15
+    assert stats.recovered >= relay.up.dropped // 3  # libopus puts FEC in voiced packets, not all
+    assert stats.recovered <= stats.lost
+    assert_media_time_exact(session, stats, frames)
+
+
+async def test_the_answer_asks_for_fec_and_speaks_only_opus(server, recorded):
+    relay = RecordingSdp()
+    await place_call(server.url, tone(440, 0.5), tail_s=0.1, sdp=relay)
+    media = relay.answer_sdp.split("m=")[1]
+    assert re.search(r"a=rtpmap:(\d+) opus/48000/2", media)
+    payload_types = media.splitlines()[0].split()[3:]
+    assert len(payload_types) == 1  # PCMU, PCMA and G722 are not answered: our receive path decodes Opus
+    assert f"a=fmtp:{payload_types[0]} minptime=10;useinbandfec=1" in media
+
+
+class RecordingSdp:
+    def offer(self, sdp: str) -> str:
+        return sdp
+
+    def answer(self, sdp: str) -> str:
+        self.answer_sdp = sdp
+        return sdp
