@@ -6,7 +6,8 @@ A real aiortc caller sends clicks (5 ms bursts, 500 ms apart) through real
 Opus to an in-process server; the server's pieces are timed as each click
 passes them, and the caller notes when it hears the click back. Per click:
 
-    inbound   caller's sender -> server's reader (Opus, RTP, SRTP, aiortc's jitter buffer)
+    inbound   caller's sender -> the server's receive path hands the click on, decoded (Opus, RTP, SRTP,
+              the adaptive jitter buffer)
     framing   waiting for the 1920-sample (80 ms) engine frame to fill
     engine    submit -> result, with the echo's structural delay (Moshi's own frame of delay)
     pacing    result -> the outbound track hands the click's 20 ms frame to the sender
@@ -71,11 +72,12 @@ class Clock:
 
 def instrument(session, clocks: dict[str, Clock]) -> None:
     """Wrap the server session's pieces so each click is timed as it passes."""
-    inbound_push, process, outbound_recv = session.inbound.push, session.call.process, session.outbound.recv
+    framer = session.receiver.framer
+    inbound_push, process, outbound_recv = framer.push_samples, session.call.process, session.outbound.recv
 
-    def push(frame):
-        clocks["server_in"].see(frame.to_ndarray().astype(np.float32) / 32768)
-        return inbound_push(frame)
+    def push(samples):
+        clocks["server_in"].see(samples)
+        return inbound_push(samples)
 
     async def timed_process(samples):
         clocks["framed"].see(samples)
@@ -88,7 +90,7 @@ def instrument(session, clocks: dict[str, Clock]) -> None:
         clocks["server_out"].see(frame.to_ndarray().astype(np.float32) / 32768)
         return frame
 
-    session.inbound.push = push
+    framer.push_samples = push
     session.call.process = timed_process
     session.outbound.recv = recv
 

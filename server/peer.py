@@ -69,8 +69,9 @@ class CallObserver(Protocol):
 
     def call_started(self) -> None: ...
     def call_connected(self, path: str) -> None: ...
-    def call_frame(self, input_rms: float, output_rms: float, mouth_to_ear_s: float) -> None: ...
-    def call_ended(self, kind: str, output_dropped_s: float) -> None: ...
+    def call_frame(self, input_rms: float, output_rms: float, mouth_to_ear_s: float,
+                   receive_delay_s: float = 0.0) -> None: ...
+    def call_ended(self, kind: str, output_dropped_s: float, receive: dict | None = None) -> None: ...
 
 
 # The model answers a frame one frame later than it hears it (its structural delay).
@@ -307,7 +308,7 @@ class CallSession:
         self.mouth_to_ear_estimate_s = (receive_s + framing_s + result.latency_ms / 1000 + queued_s + MODEL_FRAME_S
                                         + rtt_s)
         if self.observer is not None:
-            self.observer.call_frame(result.input_rms, result.output_rms, self.mouth_to_ear_estimate_s)
+            self.observer.call_frame(result.input_rms, result.output_rms, self.mouth_to_ear_estimate_s, receive_s)
 
     @property
     def _rtt_s(self) -> float | None:
@@ -363,7 +364,8 @@ class CallSession:
             await _close_peer(self.pc)
             self.ended.set()
             if self._counted and self.observer is not None:
-                self.observer.call_ended(kind, self.outbound.samples_dropped / self.outbound.sample_rate)
+                self.observer.call_ended(kind, self.outbound.samples_dropped / self.outbound.sample_rate,
+                                         self.receiver.stats.as_dict())
             if self._on_end is not None:
                 self._on_end(self)
 

@@ -23,6 +23,16 @@ METRICS_KEY: web.AppKey[ServiceMetrics] = web.AppKey("metrics")
 LEVEL_BUCKETS = (-90, -70, -60, -50, -40, -30, -20, -10, -3, 0)
 STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
 DELAY_BUCKETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+RECEIVE_DELAY_BUCKETS = (0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4)
+# ReceiveStats fields (server.audio_receive) summed over live and ended calls
+RECEIVE_COUNTERS = (
+    ("packets", "moshi_receive_packets", "RTP packets received from callers"),
+    ("lost", "moshi_receive_packets_lost", "Callers' packets missing when due (restored by FEC or concealed)"),
+    ("late", "moshi_receive_packets_late", "Callers' packets that came after their time was filled without them"),
+    ("recovered", "moshi_receive_packets_recovered", "Lost packets restored from the next packet's in-band FEC"),
+    ("concealed_ms", "moshi_receive_concealed_milliseconds", "Callers' audio made up by Opus loss concealment"),
+    ("bad_packets", "moshi_receive_packets_bad", "Callers' packets that were not Opus"),
+)
 
 
 def dbfs(rms: float) -> float:
@@ -33,10 +43,11 @@ class _EngineTotals(Collector):
     """Read at scrape time: what the engine and the live calls count themselves."""
 
     def __init__(self, engine: Callable[[], Engine], live_output_dropped_s: Callable[[], float],
-                 ended_output_dropped_s: Callable[[], float]):
+                 ended_output_dropped_s: Callable[[], float], receive_totals: Callable[[], dict[str, float]]):
         self.engine = engine
         self.live_output_dropped_s = live_output_dropped_s
         self.ended_output_dropped_s = ended_output_dropped_s
+        self.receive_totals = receive_totals
 
     def collect(self) -> Iterable:
         engine = self.engine()
@@ -51,6 +62,9 @@ class _EngineTotals(Collector):
                                   value=stats.prompt_steps)
         yield CounterMetricFamily("moshi_token_errors", "Out-of-range tokens caught (each ends its call)",
                                   value=stats.token_errors)
+        receive = self.receive_totals()
+        for key, name, help_text in RECEIVE_COUNTERS:
+            yield CounterMetricFamily(name, help_text, value=receive.get(key, 0))
         free = engine.free_slots if engine.ready else 0
         yield GaugeMetricFamily("moshi_call_slots_free", "Call slots free now", value=free)
         yield GaugeMetricFamily("moshi_engine_ready", "1 when warm and the device is usable",
@@ -77,12 +91,25 @@ class ServiceMetrics:
                                       buckets=LEVEL_BUCKETS, registry=r)
         self.mouth_to_ear = Histogram(
             "moshi_mouth_to_ear_estimate_seconds",
-            "Per frame: mean framing wait + engine time + outbound queue + the model's frame of delay + RTT "
-            "(the two jitter buffers, ~0.18 s on loopback, are not visible to the server)",
+            "Per frame: receive buffer target + mean framing wait + engine time + outbound queue + the model's "
+            "frame of delay + RTT (the caller's own jitter buffer is not visible to the server)",
             buckets=DELAY_BUCKETS, registry=r)
+        self.receive_delay = Histogram(
+            "moshi_receive_target_delay_seconds",
+            "Per frame: the receive jitter buffer's target delay (follows the caller's arrival jitter)",
+            buckets=RECEIVE_DELAY_BUCKETS, registry=r)
         self._ended_output_dropped_s = 0.0
+        self._ended_receive: dict[str, float] = {}
         self._live_sessions = live_sessions
-        r.register(_EngineTotals(engine, self._live_output_dropped_s, lambda: self._ended_output_dropped_s))
+        r.register(_EngineTotals(engine, self._live_output_dropped_s, lambda: self._ended_output_dropped_s,
+                                 self._receive_totals))
+
+    def _receive_totals(self) -> dict[str, float]:
+        totals = dict(self._ended_receive)
+        for session in self._live_sessions():
+            for key, value in session.receiver.stats.as_dict().items():
+                totals[key] = totals.get(key, 0) + value
+        return totals
 
     def _live_output_dropped_s(self) -> float:
         return sum(s.outbound.samples_dropped / s.outbound.sample_rate for s in self._live_sessions())
@@ -100,15 +127,19 @@ class ServiceMetrics:
     def call_connected(self, path: str) -> None:
         self.calls_connected.labels(path).inc()
 
-    def call_frame(self, input_rms: float, output_rms: float, mouth_to_ear_s: float) -> None:
+    def call_frame(self, input_rms: float, output_rms: float, mouth_to_ear_s: float,
+                   receive_delay_s: float = 0.0) -> None:
         self.input_level.observe(dbfs(input_rms))
         self.output_level.observe(dbfs(output_rms))
         self.mouth_to_ear.observe(mouth_to_ear_s)
+        self.receive_delay.observe(receive_delay_s)
 
-    def call_ended(self, kind: str, output_dropped_s: float) -> None:
+    def call_ended(self, kind: str, output_dropped_s: float, receive: dict | None = None) -> None:
         self.calls_active.dec()
         self.calls_ended.labels(kind).inc()
         self._ended_output_dropped_s += output_dropped_s
+        for key, _, _ in RECEIVE_COUNTERS:
+            self._ended_receive[key] = self._ended_receive.get(key, 0) + (receive or {}).get(key, 0)
 
     def rejected(self, reason: str) -> None:
         self.calls_rejected.labels(reason).inc()
