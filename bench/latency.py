@@ -73,17 +73,18 @@ class Clock:
 def instrument(session, clocks: dict[str, Clock]) -> None:
     """Wrap the server session's pieces so each click is timed as it passes."""
     framer = session.receiver.framer
-    inbound_push, process, outbound_recv = framer.push_samples, session.call.process, session.outbound.recv
+    inbound_push, submit, outbound_recv = framer.push_samples, session.call.submit, session.outbound.recv
 
     def push(samples):
         clocks["server_in"].see(samples)
         return inbound_push(samples)
 
-    async def timed_process(samples):
+    def timed_submit(samples):
         clocks["framed"].see(samples)
-        result = await process(samples)
-        clocks["engine_out"].see(result.audio)
-        return result
+        future = submit(samples)
+        future.add_done_callback(lambda done: done.cancelled() or done.exception()
+                                 or clocks["engine_out"].see(done.result().audio))
+        return future
 
     async def recv():
         frame = await outbound_recv()
@@ -91,7 +92,7 @@ def instrument(session, clocks: dict[str, Clock]) -> None:
         return frame
 
     framer.push_samples = push
-    session.call.process = timed_process
+    session.call.submit = timed_submit
     session.outbound.recv = recv
 
 
