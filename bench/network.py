@@ -173,6 +173,8 @@ async def main() -> None:
             ours = await call(ours_url, up, down, args.seconds,
                               on_answer=lambda session_id, got=answered: got.append(service.sessions[session_id]))
             receive = answered[0].receiver.stats.as_dict() if answered else None
+            if answered:  # the server's own estimate of the delay the caller hears, to set against the measure
+                ours["server_estimate_ms"] = answered[0].summary()["mouth_to_ear_estimate_ms"]
             print(json.dumps({"condition": name, "seconds": args.seconds, "naive_aiortc_echo": naive, "ours": ours,
                               "ours_receive": receive}), flush=True)
     finally:
