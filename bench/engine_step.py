@@ -76,6 +76,17 @@ def frames_for(batch: int, frame_size: int, rng: np.random.Generator) -> np.ndar
     return (0.1 * rng.standard_normal((batch, frame_size))).astype(np.float32)
 
 
+def timed_steps(stepper: MoshiStepper, rows: np.ndarray, rng: np.random.Generator, count: int) -> list[float]:
+    """Milliseconds of each of `count` steps of fresh random frames in `rows`."""
+    times = []
+    for _ in range(count):
+        frames = frames_for(stepper.batch_size, stepper.frame_size, rng)
+        started = time.perf_counter()
+        stepper.step(frames, rows)
+        times.append(1000 * (time.perf_counter() - started))
+    return times
+
+
 def time_batch(model: LoadedModel, batch: int, steps: int, warmup: int, busy: bool = False) -> dict:
     on_cuda = model.lm.device.type == "cuda"
     if on_cuda:
@@ -86,14 +97,9 @@ def time_batch(model: LoadedModel, batch: int, steps: int, warmup: int, busy: bo
         rng = np.random.default_rng(0)
         rows = np.ones(batch, dtype=bool)
         stepper.reset_slots(list(range(batch)), list(range(batch)))
-        times = []
         with busy_thread(busy):
-            for i in range(warmup + steps):
-                frames = frames_for(batch, stepper.frame_size, rng)
-                started = time.perf_counter()
-                stepper.step(frames, rows)
-                if i >= warmup:
-                    times.append(1000 * (time.perf_counter() - started))
+            timed_steps(stepper, rows, rng, warmup)
+            times = timed_steps(stepper, rows, rng, steps)
     finally:
         stepper.close()
     times.sort()
@@ -182,24 +188,12 @@ def profile(model: LoadedModel, batch: int, steps: int) -> dict:
         rng = np.random.default_rng(1)
         rows = np.ones(batch, dtype=bool)
         stepper.reset_slots(list(range(batch)), list(range(batch)))
-        for _ in range(5):
-            stepper.step(frames_for(batch, stepper.frame_size, rng), rows)
+        timed_steps(stepper, rows, rng, 5)
         # 1. Unsynchronised steps: the real step time.
-        plain = []
-        for _ in range(steps):
-            frames = frames_for(batch, stepper.frame_size, rng)
-            started = time.perf_counter()
-            stepper.step(frames, rows)
-            plain.append(1000 * (time.perf_counter() - started))
-        report["step_ms_median"] = round(statistics.median(plain), 2)
+        report["step_ms_median"] = round(statistics.median(timed_steps(stepper, rows, rng, steps)), 2)
         # 2. Synchronised phases (graphs on).
         clock.recording = True
-        total = []
-        for _ in range(steps):
-            frames = frames_for(batch, stepper.frame_size, rng)
-            started = time.perf_counter()
-            stepper.step(frames, rows)
-            total.append(1000 * (time.perf_counter() - started))
+        total = timed_steps(stepper, rows, rng, steps)
         clock.recording = False
         phases = {name: round(statistics.median(ms), 2) for name, ms in clock.ms.items()}
         phases["synced_step_total"] = round(statistics.median(total), 2)

@@ -106,10 +106,9 @@ class _Delays:
     def fastest(self) -> float:
         return min(transit for _, transit in self.samples)
 
-    def spread(self, q: float) -> float:
-        """A high quantile of the excess transit over the window, or the largest excess of the last
-        `attack_s` if that is more: the target rises at the first late packets and falls slowly."""
-        fastest = self.fastest()
+    def spread(self, q: float, fastest: float) -> float:
+        """A high quantile of the excess transit over `fastest` in the window, or the largest excess of the
+        last `attack_s` if that is more: the target rises at the first late packets and falls slowly."""
         excess = sorted(transit - fastest for _, transit in self.samples)
         newest = self.samples[-1][0]
         recent = max(transit - fastest for arrival, transit in self.samples if arrival >= newest - self.attack_s)
@@ -199,7 +198,7 @@ class JitterBuffer:
 
         self._delays.add(arrival, arrival - ext_ts / self.clock_rate)
         self._fastest = self._delays.fastest()
-        target = self._delays.spread(self.quantile) + self.margin_s
+        target = self._delays.spread(self.quantile, self._fastest) + self.margin_s
         if len(self._delays.samples) < self.start_packets:  # too few packets to know the jitter yet
             target = max(target, self.start_target_s)
         if self._fec_seen_at is not None and arrival - self._fec_seen_at < self._delays.window_s:
