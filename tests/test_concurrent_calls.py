@@ -58,6 +58,7 @@ def answered(record: dict[str, list]) -> tuple[list, list]:
 async def test_concurrent_callers_each_hear_only_the_answer_to_their_own_voice(engine_traffic, monkeypatch):
     # A deep backlog and a deep receive buffer: this test is about isolation, so a busy machine must not
     # drop frames or conceal late packets here (both are features with tests of their own).
+    # The calls' tails (1 s) outlast that buffer, so the hang-up finds every frame answered.
     monkeypatch.setattr(audio_receive, "JitterBuffer", functools.partial(JitterBuffer, min_target_s=0.3))
     server = await start_server(create_engine(ModelSource("tiny"), max_calls=3, sampling=GREEDY,
                                               max_backlog_frames=100))
@@ -65,11 +66,11 @@ async def test_concurrent_callers_each_hear_only_the_answer_to_their_own_voice(e
 
     alone = []
     for voice in voices:
-        recording = await place_call(server.url, voice, tail_s=0.4, silence_after=False)
+        recording = await place_call(server.url, voice, tail_s=1.0, silence_after=False)
         alone.append(engine_traffic[recording.session_id])
     # Together: the three start within a few milliseconds of each other, at different frame phases.
     recordings = await asyncio.gather(*(
-        place_call(server.url, voice, tail_s=0.4, silence_after=False) for voice in voices
+        place_call(server.url, voice, tail_s=1.0, silence_after=False) for voice in voices
     ))
     together = [engine_traffic[r.session_id] for r in recordings]
     stats = server.engine.stats
