@@ -342,6 +342,7 @@ class CallSession:
             await self.ended.wait()
             return
         self._ending = True
+        self.receiver.close()  # the receive clock stops now: nothing is decoded for a call that is ending
         self.end_reason = reason
         self.end_kind = kind
         try:
@@ -359,7 +360,6 @@ class CallSession:
                 await asyncio.wait(tasks, timeout=1.0)  # they also stop by themselves on the next frame
             await self.call.close()
         finally:  # whatever failed above, the peer's sockets close and nobody waits forever
-            self.receiver.close()
             self.outbound.stop()
             await _close_peer(self.pc)
             self.ended.set()
