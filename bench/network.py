@@ -2,21 +2,24 @@
 
     ./run bench network                                  # every condition, 30 s calls
     ./run bench network --conditions clean,one_loss --seconds 20
+    ./run bench network --caller chromium                # Debian's Chromium calls instead of aiortc
 
 A userspace UDP relay on 127.0.0.1 (tests/net_relay.py; tc/netem is not available here) sits
-between a real aiortc caller and the server and impairs the media per direction: `up` is caller ->
-server, `down` server -> caller. The caller sends self-identifying tone bursts (one every 500 ms)
-and records what comes back with its arrival times; both servers echo: ours through the `echo`
-engine (Moshi's frame structure: 80 ms frames and one frame of delay, our receive path, our Opus
-sender), the naive one by handing aiortc's received track straight back to aiortc's sender (aiortc's
-fixed jitter buffer, no concealment). Per call: mouth-to-ear p50 over the first and the last third
-of the bursts, bursts heard of sent, and for ours the receive path's counters.
+between a real caller (aiortc, or Chromium: bench/chromium_caller.py) and the server and impairs
+the media per direction: `up` is caller -> server, `down` server -> caller. The caller sends
+self-identifying tone bursts (one every 500 ms) and records what comes back with its arrival
+times; both servers echo: ours through the `echo` engine (Moshi's frame structure: 80 ms frames
+and one frame of delay, our receive path, our Opus sender), the naive one by handing aiortc's
+received track straight back to aiortc's sender (aiortc's fixed jitter buffer, no concealment).
+Per call: mouth-to-ear p50 over the first and the last third of the bursts, bursts heard of sent,
+and for ours the receive path's counters.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -27,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
@@ -118,7 +122,7 @@ async def start_naive() -> tuple[str, web.AppRunner]:
 
 
 async def call(url: str, up: Rule, down: Rule, seconds: float, on_answer=lambda session_id: None) -> dict:
-    plan = BurstPlan(count=int((seconds - 1.0) / 0.5), every_s=0.5, lead_s=0.5)
+    plan = burst_plan(seconds)
     relay = await UdpRelay(up=up, down=down).start()
     pc = RTCPeerConnection(IceConfig().rtc_configuration())
     voice = OutboundAudioTrack(sample_rate=48000, max_buffer_ms=int(1000 * (seconds + 5)))
@@ -139,6 +143,14 @@ async def call(url: str, up: Rule, down: Rule, seconds: float, on_answer=lambda 
     await pc.close()
     relay.close()
     delays = plan.delays(chunks, arrivals, voice.clock_start or time.monotonic())
+    return summarize(delays, plan, relay)
+
+
+def burst_plan(seconds: float) -> BurstPlan:
+    return BurstPlan(count=int((seconds - 1.0) / 0.5), every_s=0.5, lead_s=0.5)
+
+
+def summarize(delays: dict[int, float], plan: BurstPlan, relay: UdpRelay) -> dict:
     third = plan.count // 3
 
     def p50(bursts: range) -> float | None:
@@ -159,28 +171,58 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--conditions", default=None, help="comma-separated; default: all")
+    parser.add_argument("--caller", choices=["aiortc", "chromium"], default="aiortc")
     args = parser.parse_args()
     use_host_addresses(["127.0.0.1"])
     names = args.conditions.split(",") if args.conditions else list(conditions(args.seconds))
     ours_url, service, ours_runner = await start_ours()
     naive_url, naive_runner = await start_naive()
-    try:
-        for name in names:
-            up, down = conditions(args.seconds)[name]
-            naive = await call(naive_url, up, down, args.seconds)
-            up, down = conditions(args.seconds)[name]
-            answered: list = []
-            ours = await call(ours_url, up, down, args.seconds,
-                              on_answer=lambda session_id, got=answered: got.append(service.sessions[session_id]))
-            receive = answered[0].receiver.stats.as_dict() if answered else None
-            if answered:  # the server's own estimate of the delay the caller hears, to set against the measure
-                ours["server_estimate_ms"] = answered[0].summary()["mouth_to_ear_estimate_ms"]
-            print(json.dumps({"condition": name, "seconds": args.seconds, "naive_aiortc_echo": naive, "ours": ours,
-                              "ours_receive": receive}), flush=True)
-    finally:
-        await ours_runner.cleanup()
-        await service.engine.stop()
-        await naive_runner.cleanup()
+    async with contextlib.AsyncExitStack() as stack:
+        place = call
+        if args.caller == "chromium":
+            place = await stack.enter_async_context(chromium_placer())
+        try:
+            await run_conditions(names, args.seconds, place, ours_url, service, naive_url)
+        finally:
+            await ours_runner.cleanup()
+            await service.engine.stop()
+            await naive_runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def chromium_placer():
+    """`call`'s twin with Debian's Chromium as the caller (one browser, a fresh page per call)."""
+    from chromium_caller import CHROMIUM, CHROMIUM_FLAGS, chromium_call
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+
+        async def place(url: str, up: Rule, down: Rule, seconds: float, on_answer=lambda session_id: None) -> dict:
+            plan = burst_plan(seconds)
+            heard, relay = await chromium_call(browser, url, up, down, seconds, plan, on_answer)
+            return {**summarize(heard["delays"], plan, relay), "chromium": heard["stats"]}
+
+        try:
+            yield place
+        finally:
+            await browser.close()
+
+
+async def run_conditions(names: list[str], seconds: float, place, ours_url: str, service: SignalingService,
+                         naive_url: str) -> None:
+    for name in names:
+        up, down = conditions(seconds)[name]
+        naive = await place(naive_url, up, down, seconds)
+        up, down = conditions(seconds)[name]
+        answered: list = []
+        ours = await place(ours_url, up, down, seconds,
+                           on_answer=lambda session_id, got=answered: got.append(service.sessions[session_id]))
+        receive = answered[0].receiver.stats.as_dict() if answered else None
+        if answered:  # the server's own estimate of the delay the caller hears, to set against the measure
+            ours["server_estimate_ms"] = answered[0].summary()["mouth_to_ear_estimate_ms"]
+        print(json.dumps({"condition": name, "seconds": seconds, "naive_aiortc_echo": naive, "ours": ours,
+                          "ours_receive": receive}), flush=True)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ class CallSession:
         self.relay_only = ice.relay_only
         self.pc = RTCPeerConnection(ice.rtc_configuration(session_id))
         self.outbound = OutboundAudioTrack(sample_rate=engine.sample_rate, max_buffer_ms=max_output_buffer_ms,
-                                           max_standing_ms=max_standing_ms)
+                                           max_standing_ms=max_standing_ms, align_to_pushes=True)
         self.receiver = AudioReceiver(self._on_inbound_frame, sample_rate=engine.sample_rate,
                                       frame_size=engine.frame_size)
         self.encoder = aiortc_compat.OpusSenderEncoder()  # in-band FEC as the caller's reports ask for

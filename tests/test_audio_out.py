@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
 import pytest
 from aiortc.mediastreams import MediaStreamError
 
-from server.audio_out import OutboundAudioTrack
+from server.audio_out import OutboundAudioTrack, SendPhase
 
 
 async def test_frames_follow_the_wall_clock_over_five_seconds_with_pts_in_20ms_steps():
@@ -68,3 +69,41 @@ async def test_no_shedding_while_the_buffer_runs_low():
             track.push(np.full(1920, 0.2, dtype=np.float32))  # the engine's 80 ms frames
         await track.recv()
     assert track.samples_dropped == 0 and track.silent_frames == 0
+
+
+def test_send_phase_moves_the_slots_earlier_only_when_every_frame_of_a_second_waited():
+    phase = SendPhase(pushes_per_window=12, margin_s=0.003, max_step_s=0.01)
+    assert [phase.on_push(0.008) for _ in range(11)] == [0.0] * 11
+    assert phase.on_push(0.009) == pytest.approx(0.005)  # the least wait of the window, less the margin
+    assert [phase.on_push(0.030) for _ in range(11)] + [phase.on_push(0.030)] == [0.0] * 11 + [0.01]  # capped
+    steps = [phase.on_push(0.030 if i != 5 else 0.002) for i in range(12)]
+    assert steps == [0.0] * 12  # one frame that arrived just in time holds the slots where they are
+    assert phase.advanced_s == pytest.approx(0.015)
+
+
+def test_a_late_frame_restarts_the_send_phase_window():
+    phase = SendPhase(pushes_per_window=4)
+    for _ in range(3):
+        phase.on_push(0.02)
+    phase.on_late(0.004)
+    assert [phase.on_push(0.02) for _ in range(3)] == [0.0] * 3  # the window started again
+    assert phase.on_push(0.02) > 0 and phase.delayed_s == pytest.approx(0.004)
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+async def test_a_frame_late_for_its_slot_is_waited_for_when_aligned_not_replaced_by_silence(aligned):
+    track = OutboundAudioTrack(max_buffer_ms=1000, align_to_pushes=aligned)
+    if aligned:
+        track.phase = SendPhase(grace_s=30.0)  # so long that a loaded machine cannot miss it
+    track.push(np.full(1920, 0.25, dtype=np.float32))  # an engine frame: four 20 ms slots
+    sent = [await track.recv() for _ in range(4)]
+    late = asyncio.get_running_loop().call_later(0.03, track.push, np.full(1920, 0.5, dtype=np.float32))
+    fifth = await track.recv()  # due 20 ms after the fourth, before the late frame is pushed
+    late.cancel()
+    pts = [frame.pts for frame in [*sent, fifth]]
+    assert np.all(np.diff(pts) == 480)  # media time stays continuous either way
+    if aligned:
+        assert np.all(fifth.to_ndarray() == int(0.5 * 32767)) and track.silent_frames == 0
+        assert track.phase.delayed_s > 0
+    else:
+        assert np.all(fifth.to_ndarray() == 0) and track.silent_frames == 1

@@ -1,0 +1,193 @@
+"""A real Chromium as the caller in the network bench: tone bursts made and heard in WebAudio.
+
+The page plays the burst plan (a WAV) into a MediaStreamDestination that is its
+microphone, and records what comes back through an AudioWorklet. Both happen in
+one AudioContext, so the send time (when the burst starts playing) and the
+arrival time (when its first sample is rendered, after Chromium's NetEq jitter
+buffer) are on one clock: the difference is the mouth-to-ear delay a person with
+zero-latency speakers and microphone would hear. A small proxy in front of the
+server under test serves the page and rewrites the offer and answer so the media
+crosses the impairment relay (tests/net_relay.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import shutil
+import wave
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+from net_relay import Rule, UdpRelay
+
+from server.latency_probe import BurstPlan
+
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required",
+    "--allow-loopback-in-peer-connection",
+]
+RATE = 48000
+
+RECORDER_JS = """
+class Recorder extends AudioWorkletProcessor {
+  constructor() { super(); this.on = true; this.port.onmessage = () => { this.on = false; }; }
+  process(inputs) {
+    const input = inputs[0];
+    if (this.on && input.length) this.port.postMessage({t: currentTime, samples: input[0].slice()});
+    return this.on;
+  }
+}
+registerProcessor("recorder", Recorder);
+"""
+
+PAGE_HTML = """<!doctype html><meta charset="utf-8"><title>network bench caller</title><audio id="sink"></audio>
+<script>
+window.placeCall = async (seconds) => {
+  const ctx = new AudioContext({sampleRate: 48000});
+  await ctx.audioWorklet.addModule("/recorder.js");
+  const bursts = await ctx.decodeAudioData(await (await fetch("/bursts.wav")).arrayBuffer());
+  const mic = ctx.createMediaStreamDestination();
+  mic.channelCount = 1;
+  const pc = new RTCPeerConnection();
+  pc.addTrack(mic.stream.getAudioTracks()[0], mic.stream);
+  const remote = new Promise((resolve) => { pc.ontrack = (e) => resolve(new MediaStream([e.track])); });
+  await pc.setLocalDescription();
+  await new Promise((resolve) => {
+    if (pc.iceGatheringState === "complete") return resolve();
+    pc.onicegatheringstatechange = () => { if (pc.iceGatheringState === "complete") resolve(); };
+  });
+  const response = await fetch("/offer", {method: "POST", headers: {"Content-Type": "application/json"},
+    body: JSON.stringify({sdp: pc.localDescription.sdp, type: "offer"})});
+  const answer = await response.json();
+  await pc.setRemoteDescription({sdp: answer.sdp, type: "answer"});
+  const stream = await remote;
+  const sink = document.getElementById("sink");  // Chromium feeds a remote track to WebAudio only when
+  sink.srcObject = stream; sink.muted = true; await sink.play();  // a media element plays it too
+  await new Promise((resolve) => {
+    if (pc.connectionState === "connected") return resolve();
+    pc.onconnectionstatechange = () => { if (pc.connectionState === "connected") resolve(); };
+  });
+  const recorder = new AudioWorkletNode(ctx, "recorder");
+  const quiet = ctx.createGain(); quiet.gain.value = 0;
+  ctx.createMediaStreamSource(stream).connect(recorder).connect(quiet).connect(ctx.destination);
+  const blocks = [];
+  recorder.port.onmessage = (e) => blocks.push(e.data);
+  const player = ctx.createBufferSource();
+  player.buffer = bursts;
+  player.connect(mic);
+  const start = ctx.currentTime + 0.3;
+  player.start(start);
+  await new Promise((resolve) => setTimeout(resolve, 1000 * seconds));
+  recorder.port.postMessage("stop");
+  const stats = {};
+  (await pc.getStats()).forEach((s) => {
+    if (s.type === "outbound-rtp" && s.kind === "audio") stats.sent = s.packetsSent;
+    if (s.type === "inbound-rtp" && s.kind === "audio") {
+      stats.concealed_samples = s.concealedSamples; stats.jitter_buffer_ms =
+        s.jitterBufferEmittedCount ? 1000 * s.jitterBufferDelay / s.jitterBufferEmittedCount : null;
+    }
+  });
+  pc.close(); await ctx.close();
+  const total = blocks.reduce((n, b) => n + b.samples.length, 0);
+  const all = new Float32Array(total);
+  const times = [];
+  let at = 0;
+  for (const b of blocks) { all.set(b.samples, at); times.push([at, b.t]); at += b.samples.length; }
+  const bytes = new Uint8Array(all.buffer);
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) binary += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return {start, times, audio: btoa(binary), answer_session: answer.session_id || null, stats};
+};
+</script>"""
+
+
+def wav_bytes(audio: np.ndarray, rate: int = RATE) -> bytes:
+    out = io.BytesIO()
+    with wave.open(out, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return out.getvalue()
+
+
+class ChromiumCallProxy:
+    """Serves the bench page and relays `/offer` to the server under test, through an impairment relay."""
+
+    def __init__(self, target_url: str, plan: BurstPlan):
+        self.target_url, self.plan = target_url, plan
+        self.relay: UdpRelay | None = None
+        self.session_id: str | None = None
+        self.answered = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> ChromiumCallProxy:
+        app = web.Application()
+        bursts = wav_bytes(self.plan.audio(RATE))
+        app.router.add_get("/", lambda _: web.Response(text=PAGE_HTML, content_type="text/html"))
+        app.router.add_get("/recorder.js", lambda _: web.Response(text=RECORDER_JS,
+                                                                  content_type="application/javascript"))
+        app.router.add_get("/bursts.wav", lambda _: web.Response(body=bursts, content_type="audio/wav"))
+        app.router.add_post("/offer", self._offer)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def _offer(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        body["sdp"] = self.relay.offer(body["sdp"])
+        async with aiohttp.ClientSession() as http, http.post(f"{self.target_url}/offer", json=body) as response:
+            answer = await response.json()
+        self.session_id = answer.get("session_id")
+        self.answered.set()
+        answer["sdp"] = self.relay.answer(answer["sdp"])
+        return web.json_response(answer)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def recorded_chunks(result: dict, chunk: int = 960) -> tuple[list[np.ndarray], list[float]]:
+    """The page's recording cut into 20 ms chunks, each with the AudioContext time of its first sample."""
+    audio = np.frombuffer(base64.b64decode(result["audio"]), np.float32)
+    offsets = np.array([at for at, _ in result["times"]], np.int64)
+    times = np.array([t for _, t in result["times"]], np.float64)
+    chunks, arrivals = [], []
+    for begin in range(0, audio.size - chunk + 1, chunk):
+        block = int(np.searchsorted(offsets, begin, side="right")) - 1
+        chunks.append(audio[begin : begin + chunk])
+        arrivals.append(float(times[block] + (begin - offsets[block]) / RATE))
+    return chunks, arrivals
+
+
+async def chromium_call(browser, target_url: str, up: Rule, down: Rule, seconds: float, plan: BurstPlan,
+                        on_answer=lambda session_id: None) -> tuple[dict, UdpRelay]:
+    """One call from a fresh page; returns the burst delays keyed by burst and the relay (for its counters)."""
+    proxy = await ChromiumCallProxy(target_url, plan).start()
+    proxy.relay = await UdpRelay(up=up, down=down).start()
+    page = await browser.new_page()
+    try:
+        await page.goto(proxy.url)
+        task = asyncio.ensure_future(page.evaluate("(s) => window.placeCall(s)", seconds))
+        answered = asyncio.ensure_future(proxy.answered.wait())
+        await asyncio.wait({task, answered}, return_when=asyncio.FIRST_COMPLETED)
+        answered.cancel()
+        if proxy.session_id is not None:  # handed over while the call runs, so the bench can read its stats
+            on_answer(proxy.session_id)
+        result = await task
+    finally:
+        await page.close()
+        await proxy.close()
+        proxy.relay.close()
+    chunks, arrivals = recorded_chunks(result)
+    return {"delays": plan.delays(chunks, arrivals, result["start"], rate=RATE), "stats": result["stats"]}, proxy.relay
