@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     _add_model_options(serve)
     serve.add_argument("--max-calls", type=int, default=4, help="simultaneous calls (engine batch size)")
+    serve.add_argument("--media-workers", type=int, default=None, metavar="N",
+                       help="processes for WebRTC media around the one engine process; 0: media in the engine's "
+                            "own process (default: one per 8 calls, at most cores - 1)")
     serve.add_argument("--cpu-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                        help="torch threads when the model runs on the CPU (default: all cores but one, "
                             "which the event loop needs for the calls' media)")
@@ -189,6 +192,7 @@ async def serve(args: argparse.Namespace) -> int:
     from signaling.app import SignalingConfig, SignalingService
 
     from .ice import IceConfig, parse_ice_server, use_host_addresses
+    from .workers.pool import MediaWorkers, default_worker_count
 
     use_host_addresses(args.ice_host_address or None)
     if args.turn_url and not args.turn_secret:
@@ -199,10 +203,16 @@ async def serve(args: argparse.Namespace) -> int:
                     relay_only=args.ice_transport_policy == "relay")
     model = _first_choice(args)
     engine = _engine_for(args, model)
-    service = SignalingService(engine, SignalingConfig(
+    config = SignalingConfig(
         ice=ice, media_timeout_s=args.media_timeout, api_token=args.api_token, cors_origins=tuple(args.cors_origin),
         max_offers_per_minute=args.max_offers_per_minute, trust_forwarded_for=args.trust_forwarded_for,
-        max_call_s=60 * args.max_call_minutes if args.max_call_minutes > 0 else None))
+        max_call_s=60 * args.max_call_minutes if args.max_call_minutes > 0 else None)
+    worker_count = default_worker_count(args.max_calls) if args.media_workers is None else args.media_workers
+    workers = None
+    if worker_count > 0:
+        workers = MediaWorkers(engine, worker_count, config, host_addresses=args.ice_host_address or None,
+                               log_level=args.log_level.upper())
+    service = SignalingService(engine, config, workers=workers)
     runner = web.AppRunner(service.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
@@ -218,7 +228,12 @@ async def serve(args: argparse.Namespace) -> int:
         log.error("could not load %s (%s); falling back to the tiny test model", model, exc)
         engine = _engine_for(args, "tiny")
         service.use_engine(engine)
+        if workers is not None:
+            workers.use_engine(engine)
         await engine.start()
+    if workers is not None:
+        await workers.start()
+        log.info("%d media worker process(es) serve the calls", worker_count)
     info = engine.info
     if info.is_test_model:
         print(_banner([info.notice or "TEST MODEL", f"model: {info.name}",
@@ -243,6 +258,8 @@ async def serve(args: argparse.Namespace) -> int:
     engine.fatal_listeners.append(on_fatal)
     await stop.wait()
     log.info("shutting down")
+    if workers is not None:
+        await workers.stop()
     await runner.cleanup()
     await engine.stop()
     return status["code"]

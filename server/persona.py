@@ -24,10 +24,13 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sentencepiece
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a voice is loaded: media workers never load one
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +233,8 @@ def voice_files(folder: Path) -> list[Path]:
 
 def load_precomputed_voice(path: Path) -> PrecomputedVoice:
     """Read a PersonaPlex `.pt` voice ({"embeddings": [steps, 1, 1, dim], "cache": [1, K, CT]}), tensors only."""
+    import torch
+
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(saved, dict) or "embeddings" not in saved or "cache" not in saved:
         raise ValueError(f"{path.name} is not a PersonaPlex voice prompt (needs 'embeddings' and 'cache')")
@@ -243,6 +248,8 @@ def load_precomputed_voice(path: Path) -> PrecomputedVoice:
 
 def save_precomputed_voice(voice: PrecomputedVoice, path: Path) -> None:
     """Write a voice in PersonaPlex's `.pt` layout: embeddings [steps, 1, 1, dim], cache [1, K, CT]."""
+    import torch
+
     torch.save({"embeddings": voice.embeddings[:, None].contiguous(), "cache": voice.cache[None].contiguous()}, path)
 
 

@@ -38,8 +38,10 @@ from server.engine import Engine, EngineFull, EngineNotReady
 from server.ice import IceConfig
 from server.peer import CallSession, RelayUnavailable
 from server.persona import Persona, PersonaError
+from server.workers.pool import MediaWorkers
 
 from .errors import SessionRefused, json_error
+from .forward import CallForwarder, WorkerTotals, merge_expositions
 from .guards import OfferRateLimit, cors_middleware, token_middleware
 from .metrics import CONTENT_TYPE, METRICS_KEY, ServiceMetrics
 from .offer_check import MAX_BODY_BYTES, OfferRejected, parse_offer_json
@@ -66,13 +68,20 @@ class SignalingConfig:
     max_offers_per_minute: int = 20  # per client address; 0: no limit
     trust_forwarded_for: bool = False  # behind a reverse proxy: the client is X-Forwarded-For's first address
     max_call_s: float | None = 3600.0  # a call ends after this long
+    session_id_prefix: str = ""  # a media worker's own (server.workers.worker), so the front can route by id
 
 
 class SignalingService:
-    def __init__(self, engine: Engine, config: SignalingConfig | None = None):
+    def __init__(self, engine: Engine, config: SignalingConfig | None = None, workers: MediaWorkers | None = None):
+        """`workers`: media runs in these worker processes, and this service (the front) forwards every
+        call route to them (signaling.forward); None: calls are served in this process."""
         self.config = config or SignalingConfig()
         self.sessions: dict[str, CallSession] = {}
         self.metrics = ServiceMetrics(lambda: self.engine, lambda: list(self.sessions.values()))
+        self.workers = workers
+        self.forwarder = CallForwarder(workers) if workers is not None else None
+        if workers is not None:
+            self.metrics.registry.register(WorkerTotals(workers))
         self.use_engine(engine)
         self._device_checked_at = 0.0
         self._device_ok = True
@@ -84,9 +93,13 @@ class SignalingService:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
         app[SERVICE_KEY] = self
         app[METRICS_KEY] = self.metrics
-        app.router.add_post("/offer", self.post_offer)
-        app.router.add_delete("/sessions/{session_id}", self.delete_session)
-        app.router.add_get("/sessions/{session_id}", self.get_session)
+        if self.forwarder is not None:
+            self.forwarder.add_routes(app)
+        else:
+            app.router.add_post("/offer", self.post_offer)
+            app.router.add_delete("/sessions/{session_id}", self.delete_session)
+            app.router.add_get("/sessions/{session_id}", self.get_session)
+            WhipEndpoint(self).add_routes(app)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_page)
@@ -95,7 +108,6 @@ class SignalingService:
         app.router.add_get("/personas", self.personas)
         app.router.add_get("/", self.index)
         app.router.add_static("/web/", self.config.web_dir)
-        WhipEndpoint(self).add_routes(app)
         app.on_shutdown.append(self._hang_up_all)
         return app
 
@@ -144,7 +156,7 @@ class SignalingService:
         except EngineNotReady as exc:
             self.metrics.rejected("not_ready")
             raise SessionRefused(503, f"the model is not ready: {exc}", retry) from None
-        session_id = secrets.token_urlsafe(12)
+        session_id = self.config.session_id_prefix + secrets.token_urlsafe(12)
         session = CallSession(session_id, self.engine, call, self.config.ice,
                               media_timeout=self.config.media_timeout_s,
                               max_output_buffer_ms=self.config.max_output_buffer_ms,
@@ -187,9 +199,12 @@ class SignalingService:
         return web.json_response(session.summary())
 
     async def _hang_up_all(self, app: web.Application) -> None:
+        await self.end_all_calls("server shutting down", kind="shutdown")
+
+    async def end_all_calls(self, reason: str, kind: str) -> None:
         for session in list(self.sessions.values()):
             with contextlib.suppress(Exception):
-                await session.hang_up("server shutting down", kind="shutdown")
+                await session.hang_up(reason, kind=kind)
 
     # -- health and page -----------------------------------------------------------------------
 
@@ -209,6 +224,8 @@ class SignalingService:
             reason = "the model is warming up"
         elif engine.free_slots == 0:
             reason = f"all {engine.batch_size} call slots are busy"
+        elif self.workers is not None and not self.workers.alive():
+            reason = "no media worker is running"
         elif not await self._device_answers():
             reason = "the model's device did not answer a test operation within 2 s"
         if reason is not None:
@@ -228,7 +245,10 @@ class SignalingService:
         return self._device_ok
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        body = self.metrics.render()
+        if self.forwarder is not None:
+            body = merge_expositions(body.decode(), await self.forwarder.worker_metrics())
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def status(self, request: web.Request) -> web.Response:
         if not self.engine.ready:
@@ -243,7 +263,8 @@ class SignalingService:
             "notice": info.notice,
             "max_calls": self.engine.batch_size,
             "free_slots": self.engine.free_slots,
-            "active_sessions": len(self.sessions),
+            "active_sessions": len(self.sessions) if self.workers is None else self.workers.host.calls_held(),
+            "media_workers": None if self.workers is None else len(self.workers.alive()),
             "engine": self.engine.stats.summary(),
         })
 
