@@ -15,8 +15,6 @@ import os
 import signal
 import sys
 
-import torch
-
 from .persona import PersonaLimits
 from .turn import TURN_SECRET_ENV
 
@@ -179,6 +177,7 @@ def _voice_options(args: argparse.Namespace, model: str):
 def _first_choice(args: argparse.Namespace) -> str:
     if args.model != AUTO:
         return args.model
+    import torch  # here, not at the top: media worker processes re-import this module and need no torch
     from moshi.models.loaders import DEFAULT_REPO
 
     if torch.cuda.is_available():
