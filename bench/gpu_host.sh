@@ -4,6 +4,7 @@
 #
 #   bench/gpu_host.sh env tests masked sweep            # correctness, then moshiko's step time and capacity
 #   bench/gpu_host.sh persona profile load               # PersonaPlex, where a step's time goes, the whole system
+#   bench/gpu_host.sh echo64 workers                     # media worker processes: 64 echo calls, moshiko calls
 #
 # A GPU host without a package registry takes moshi, aiortc, av and their small dependencies as wheels
 # from .whl/ (ignored by git), all --no-deps. For the lent H100/H200 image (Python 3.12, torch 2.11) these
@@ -52,6 +53,16 @@ for name in "$@"; do
       --prompt-batches 1,16,32 ;;
     profile) stage profile 150 "$PYTHON" bench/engine_step.py --real-size --profile "$PROFILE_BATCH" --steps 30 ;;
     load) stage load 420 "$PYTHON" bench/load.py --model random-moshiko --calls "$LOAD_CALLS" --seconds "$LOAD_SECONDS" ;;
+    workers)  # issue 15: the whole system with media in worker processes, against media in the engine's process
+      for w in ${WORKERS:-0 4}; do
+        stage "workers-$w" 330 "$PYTHON" bench/load.py --model random-moshiko --calls "${WORKER_CALLS:-24}" \
+          --seconds "$LOAD_SECONDS" --server-args "--media-workers $w"
+      done ;;
+    echo64)  # issue 15: 64 echo calls with their callers on the same 16-core host
+      for w in ${ECHO_WORKERS:-0 8}; do
+        stage "echo64-$w" 200 "$PYTHON" bench/load.py --model echo --calls "${ECHO_CALLS:-64}" --seconds "$LOAD_SECONDS" \
+          --callers-per-process 8 --server-args "--media-workers $w"
+      done ;;
     *) echo "unknown stage $name" >&2; exit 2 ;;
   esac
 done

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     _add_model_options(serve)
     serve.add_argument("--max-calls", type=int, default=4, help="simultaneous calls (engine batch size)")
+    serve.add_argument("--switch-interval-ms", type=float, default=None, metavar="MS",
+                       help="the engine process's GIL switch interval (Python's default: 5 ms)")
     serve.add_argument("--media-workers", type=int, default=None, metavar="N",
                        help="processes for WebRTC media around the one engine process; 0: media in the engine's "
                             "own process (default: one per 8 calls, at most cores - 1)")
@@ -194,6 +196,8 @@ async def serve(args: argparse.Namespace) -> int:
     from .workers.pool import MediaWorkers, default_worker_count
 
     use_host_addresses(args.ice_host_address or None)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     if args.turn_url and not args.turn_secret:
         log.critical("--turn-url needs --turn-secret (or $%s)", TURN_SECRET_ENV)
         return 2
