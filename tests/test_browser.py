@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +84,8 @@ async def test_chromium_calls_the_server_from_the_page(tiny_server, tmp_path):
         assert abs(level_db) < 3.0, (session.stats.mean_input_rms, wav_rms)
 
         await page.click("#hangup")
-        hung_up = time.monotonic()
-        await asyncio.wait_for(session.ended.wait(), 2.0)
-        assert time.monotonic() - hung_up < 2.0
+        await asyncio.wait_for(session.ended.wait(), 30)  # a guard against a hang, not a timing
+        assert session.end_kind != "no_media"  # ended by the page's hang-up, not by the media timeout
         assert tiny_server.engine.free_slots == 2 and not tiny_server.service.sessions
         assert "hung up" in await page.text_content("#message")
         await browser.close()
