@@ -18,7 +18,9 @@ self-identifying tone bursts (server/latency_probe.py) for the whole run. Per K:
 - engine step time p50 and p99, from the server's /status,
 - the server's own mouth-to-ear estimate per call (the only delay figure a
   model that does not echo can give; random-weight models babble),
-- server CPU (share of one core, user + system, and per call) and peak memory (VmHWM).
+- server CPU (share of one core, user + system, and per call; the server and any media worker
+  processes under it), over the whole window and in steady state (from 5 s in to 1 s before the
+  end: media only, no call setup), and peak memory (VmHWM, summed over those processes).
 
 "Real time" means: no input frame dropped, and the engine's p99 step under 80 ms;
 with echo also a p95 delay within 100 ms of the one-call figure.
@@ -46,6 +48,10 @@ import numpy as np  # noqa: E402
 BIN = Path(sys.executable).parent / "moshi-webrtc"
 # Where the package is not installed (a GPU host with wheels on PYTHONPATH), run the CLI module.
 SERVE = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "server.cli"]
+# The server on uvloop's event loop (`--loop uvloop`), without a change to the CLI: the policy is set first.
+SERVE_UVLOOP = [sys.executable, "-c", "import asyncio, sys, uvloop; "
+                "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
+                "from server.cli import main; sys.exit(main())"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -55,9 +61,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # fields from 3 (state) on
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+    """CPU seconds (user + system) of `pid` and every process under it, live or already reaped: the server
+    may carry its calls' media in worker processes."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                children.setdefault(int(_stat(int(entry.name))[1]), []).append(int(entry.name))
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            fields = _stat(current)
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])  # utime, stime, and the reaped children's cutime, cstime
+        todo += children.get(current, [])
+    return total / CLK_TCK
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -65,6 +92,33 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def tree_peak_rss_mib(pid: int) -> float:
+    """The server's peak resident memory plus that of each process under it (media workers)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            total += peak_rss_mib(current)
+            todo += [int(c) for c in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
+        except OSError:
+            continue
+    return total
+
+
+STEADY_FROM_S = 5.0  # calls are set up (ICE, DTLS) and media flows by then
+
+
+async def steady_cpu(pid: int, seconds: float) -> float | None:
+    """Server CPU (cores) while the calls only carry media: from STEADY_FROM_S into the window to a second
+    before its end, so setting calls up and tearing them down are left out. None for windows too short."""
+    if seconds < STEADY_FROM_S + 5:
+        return None
+    await asyncio.sleep(STEADY_FROM_S)
+    cpu_from, wall_from = cpu_seconds(pid), time.monotonic()
+    await asyncio.sleep(seconds - STEADY_FROM_S - 1)
+    return (cpu_seconds(pid) - cpu_from) / (time.monotonic() - wall_from)
 
 
 # -- the client process ---------------------------------------------------------------------------
@@ -150,12 +204,14 @@ async def run_clients(url: str, calls: int, seconds: float, per_process: int, en
 # -- the orchestrator ------------------------------------------------------------------------------
 
 
-async def run_k(model: str, calls: int, seconds: float, per_process: int, server_args: list[str]) -> dict:
+async def run_k(model: str, calls: int, seconds: float, per_process: int, server_args: list[str],
+                loop: str = "asyncio") -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, NO_TORCH_COMPILE="1")
+    serve = SERVE_UVLOOP if loop == "uvloop" else SERVE
     server = subprocess.Popen(
-        [*SERVE, "serve", "--model", model, "--port", str(port), "--max-calls", str(calls),
+        [*serve, "serve", "--model", model, "--port", str(port), "--max-calls", str(calls),
          "--ice-host-address", "127.0.0.1", "--log-level", "WARNING", "--max-offers-per-minute", "0", *server_args],
         stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )
@@ -168,11 +224,13 @@ async def run_k(model: str, calls: int, seconds: float, per_process: int, server
         raise RuntimeError(f"the server exited before it was ready: {''.join(said[-20:])}")
     drain = asyncio.get_running_loop().run_in_executor(None, server.stderr.read)
     cpu_before, wall_before = cpu_seconds(server.pid), time.monotonic()
+    steady = asyncio.ensure_future(steady_cpu(server.pid, seconds))
     per_call = await run_clients(url, calls, seconds, per_process, env)
     cpu = (cpu_seconds(server.pid) - cpu_before) / (time.monotonic() - wall_before)
+    steady_cpu_cores = await steady
     async with aiohttp.ClientSession() as http, http.get(f"{url}/status") as response:
         status = await response.json()
-    rss = peak_rss_mib(server.pid)
+    rss = tree_peak_rss_mib(server.pid)
     server.terminate()
     server.wait(timeout=30)
     await drain
@@ -182,6 +240,7 @@ async def run_k(model: str, calls: int, seconds: float, per_process: int, server
     return {
         "model": model,
         "server_args": " ".join(server_args),
+        "loop": loop,
         "calls": calls,
         "seconds": seconds,
         "delay_ms_p50_median": round(statistics.median([c["delay_ms_p50"] for c in per_call
@@ -195,15 +254,17 @@ async def run_k(model: str, calls: int, seconds: float, per_process: int, server
         "mouth_to_ear_estimate_ms_worst": max(estimates) if estimates else None,
         "server_cpu_cores": round(cpu, 2),
         "server_cpu_cores_per_call": round(cpu / calls, 3),
+        "server_cpu_cores_per_call_steady": round(steady_cpu_cores / calls, 3) if steady_cpu_cores else None,
         "server_peak_rss_mib": round(rss),
         "per_call": per_call,
     }
 
 
-async def orchestrate(model: str, calls: list[int], seconds: float, per_process: int, server_args: list[str]) -> None:
+async def orchestrate(model: str, calls: list[int], seconds: float, per_process: int, server_args: list[str],
+                      loop: str = "asyncio") -> None:
     baseline = None
     for k in calls:
-        result = await run_k(model, k, seconds, per_process, server_args)
+        result = await run_k(model, k, seconds, per_process, server_args, loop)
         if baseline is None:
             baseline = result["delay_ms_p95_worst"]
         real_time = result["frames_dropped"] == 0 and result["step_ms_p99"] < 80
@@ -221,6 +282,9 @@ def main() -> None:
     parser.add_argument("--callers-per-process", type=int, default=6,
                         help="callers per client process (one event loop carries about a dozen)")
     parser.add_argument("--server-args", default="", help="more `serve` options, e.g. '--switch-interval-ms 5'")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="the server's event loop (uvloop: pip install uvloop; media worker processes, "
+                             "if any, keep asyncio's)")
     parser.add_argument("--client", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--first-index", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,7 +292,7 @@ def main() -> None:
         asyncio.run(client_main(args.client, int(args.calls), args.seconds, args.first_index))
     else:
         asyncio.run(orchestrate(args.model, [int(k) for k in args.calls.split(",")], args.seconds,
-                                args.callers_per_process, args.server_args.split()))
+                                args.callers_per_process, args.server_args.split(), args.loop))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ class InboundAudio:
         self.frame_size = frame_size
         self._resampler: av.AudioResampler | None = None
         self._source: tuple[str, str, int] | None = None
-        self._pending = np.zeros(0, dtype=np.float32)
+        self._frame = np.zeros(frame_size, dtype=np.float32)  # the engine frame being filled
+        self._filled = 0
         self.samples_repaired = 0  # NaN, infinite or past full scale, as sent
 
     def _resampler_for(self, frame: av.AudioFrame) -> av.AudioResampler:
@@ -40,22 +41,32 @@ class InboundAudio:
 
     def push(self, frame: av.AudioFrame) -> list[np.ndarray]:
         """Resample one frame; return the whole engine frames now complete (often none)."""
-        pieces = [self._pending]
+        frames: list[np.ndarray] = []
         for out in self._resampler_for(frame).resample(frame):
-            pieces.append(_mono(out.to_ndarray()))  # [channels, samples], planar float
-        return self._cut(self._repaired(np.concatenate(pieces)))
+            frames += self._cut(self._repaired(_mono(out.to_ndarray())))  # [channels, samples], planar float
+        return frames
 
     def push_samples(self, samples: np.ndarray) -> list[np.ndarray]:
         """Float mono samples already at `sample_rate` (the Opus receive path decodes to it); whole frames."""
-        return self._cut(self._repaired(np.concatenate([self._pending, samples.astype(np.float32, copy=False)])))
+        return self._cut(self._repaired(samples.astype(np.float32, copy=False)))
 
     def _cut(self, samples: np.ndarray) -> list[np.ndarray]:
-        whole = len(samples) // self.frame_size
-        cut = whole * self.frame_size
-        self._pending = samples[cut:].copy()
-        return [samples[i : i + self.frame_size].copy() for i in range(0, cut, self.frame_size)]
+        """Copy `samples` into the frame being filled; each frame they complete, as its own array."""
+        frames: list[np.ndarray] = []
+        start, count = 0, len(samples)
+        while start < count:
+            n = min(count - start, self.frame_size - self._filled)
+            self._frame[self._filled : self._filled + n] = samples[start : start + n]
+            self._filled += n
+            start += n
+            if self._filled == self.frame_size:
+                frames.append(self._frame.copy())
+                self._filled = 0
+        return frames
 
     def _repaired(self, samples: np.ndarray) -> np.ndarray:
+        if len(samples) == 0 or (_largest(samples) <= 1.0 and _smallest(samples) >= -1.0):  # NaN fails these
+            return samples
         bad = ~np.isfinite(samples) | (np.abs(samples) > 1.0)
         if not bad.any():
             return samples
@@ -64,16 +75,19 @@ class InboundAudio:
 
     @property
     def buffered_samples(self) -> int:
-        return len(self._pending)
+        return self._filled
 
     def flush(self) -> np.ndarray:
         """Everything left: the resampler's tail and the samples after the last whole frame (for files)."""
-        pieces = [self._pending]
+        pieces = [self._frame[: self._filled].copy()]
         if self._resampler is not None:
             for out in self._resampler.resample(None):
-                pieces.append(_mono(out.to_ndarray()))
-        self._pending = np.zeros(0, dtype=np.float32)
-        return self._repaired(np.concatenate(pieces))
+                pieces.append(self._repaired(_mono(out.to_ndarray())))
+        self._filled = 0
+        return np.concatenate(pieces)
+
+
+_largest, _smallest = np.maximum.reduce, np.minimum.reduce  # a NaN anywhere makes both NaN
 
 
 def _mono(planes: np.ndarray) -> np.ndarray:

@@ -78,6 +78,7 @@ class AudioReceiver:
         self.framer = InboundAudio(sample_rate=sample_rate, frame_size=frame_size)
         self._stats = ReceiveStats()
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_due: float | None = None  # when `_timer` fires
         self._closed = False
         self.last_packet_at: float | None = None  # loop time
 
@@ -120,10 +121,17 @@ class AudioReceiver:
                     self.on_frame(frame)
                 except Exception:  # the consumer's failure must not stop the clock or reach aiortc
                     log.exception("inbound audio consumer failed")
+        due = self.buffer.due_at()
+        if due == self._timer_due:  # a packet often leaves the next slot's time as it was: keep the timer
+            return
         if self._timer is not None:
             self._timer.cancel()
-        due = self.buffer.due_at()
-        self._timer = self.loop.call_at(due, self._drain) if due is not None else None
+        self._timer = self.loop.call_at(due, self._on_timer) if due is not None else None
+        self._timer_due = due
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_due = None
+        self._drain()
 
     def _render(self, slot: Slot) -> np.ndarray:
         """Exactly the slot's duration of audio, whatever libopus returns."""

@@ -58,7 +58,7 @@ def libopus() -> ctypes.CDLL:
     lib.opus_encoder_create.argtypes = [ctypes.c_int32, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
     lib.opus_encoder_destroy.argtypes = [ctypes.c_void_p]
     lib.opus_encode_float.restype = ctypes.c_int32
-    lib.opus_encode_float.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_float), ctypes.c_int,
+    lib.opus_encode_float.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # state, float pcm, samples
                                       ctypes.c_char_p, ctypes.c_int32]
     lib.opus_encoder_ctl.restype = ctypes.c_int  # variadic: (state, request, int)
     return lib
@@ -83,6 +83,7 @@ class OpusDecoder:
             raise OSError(f"opus_decoder_create: {self._lib.opus_strerror(error.value).decode()}")
         self._max_samples = int(MAX_FRAME_S * sample_rate)
         self._pcm = (ctypes.c_float * self._max_samples)()
+        self._pcm_view = np.ctypeslib.as_array(self._pcm)  # made once: as_array costs more than a decode call
 
     def close(self) -> None:
         if self._state:
@@ -126,7 +127,7 @@ class OpusDecoder:
         count = self._lib.opus_decode_float(self._state, payload, length, self._pcm, samples, int(fec))
         if count < 0:
             raise OpusError(f"opus_decode_float: {self._lib.opus_strerror(count).decode()}")
-        return np.ctypeslib.as_array(self._pcm)[:count].copy()
+        return self._pcm_view[:count].copy()
 
 
 # libopus's encoder requests (opus_defines.h)
@@ -179,11 +180,11 @@ class OpusEncoder:
         if len(samples) != self.frame_samples:
             raise ValueError(f"Opus frames here are {self.frame_samples} samples, got {len(samples)}")
         pcm = np.ascontiguousarray(samples, dtype=np.float32)
-        count = self._lib.opus_encode_float(self._state, pcm.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                                            self.frame_samples, self._out, len(self._out))
+        count = self._lib.opus_encode_float(self._state, pcm.ctypes.data, self.frame_samples, self._out,
+                                            len(self._out))
         if count < 0:
             raise OpusError(f"opus_encode_float: {self._lib.opus_strerror(count).decode()}")
-        return self._out.raw[:count]
+        return ctypes.string_at(self._out, count)
 
     def close(self) -> None:
         if self._state:

@@ -62,3 +62,28 @@ def test_a_format_change_mid_call_is_followed():
     assert len(audio) + inbound.buffered_samples >= 24000 - 3 * 1920
     level_dbfs = 20 * np.log10(np.sqrt(np.mean(audio[1920:].astype(np.float64) ** 2)))
     assert level_dbfs == pytest.approx(-20.0, abs=1.0)
+
+
+def test_samples_are_framed_exactly_and_bad_ones_repaired_and_counted():
+    """The receive path's framing: any push sizes, every sample once, in order; NaN, infinities and peaks
+    past full scale become silence or are clipped, and each is counted once."""
+    rng = np.random.default_rng(11)
+    audio = (rng.standard_normal(24000) * 0.3).astype(np.float32)
+    audio[[5, 700, 5000]] = [np.nan, np.inf, -np.inf]
+    audio[[9, 10]] = [1.5, -3.0]
+    expected = np.clip(np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)
+    bad = int((~np.isfinite(audio) | (np.abs(audio) > 1.0)).sum())
+    inbound = InboundAudio(frame_size=1920)
+    frames, start = [], 0
+    for size in rng.integers(0, 3000, size=100):
+        frames += inbound.push_samples(audio[start : start + size])
+        start += size
+        if start >= len(audio):
+            break
+    assert all(f.shape == (1920,) and f.dtype == np.float32 for f in frames)
+    out = np.concatenate(frames + [inbound.flush()])
+    np.testing.assert_array_equal(out, expected[: len(out)])
+    assert len(out) == min(start, len(audio))
+    assert inbound.samples_repaired == bad
+    frames[0][:] = 9.0  # handed-out frames are the caller's own: nothing inside the framer changes
+    assert inbound.push_samples(np.zeros(1920, np.float32))[0].max() == 0.0

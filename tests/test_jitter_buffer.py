@@ -201,3 +201,30 @@ def test_any_mix_of_loss_jitter_and_reordering_keeps_media_time_exact(seed):
     assert all(isinstance(slot, (Play, Recover, Conceal, Silence)) for _, slot in out.slots)
     stats = out.buffer.stats
     assert stats.played + stats.lost == count and stats.pauses == 0
+
+
+def test_delay_figures_match_a_scan_of_the_window():
+    """The fastest transit and the spread come from kept-sorted structures; they must equal a plain scan of
+    the window (the figures the buffer's timing rests on), for bursty arrivals, equal times and ties."""
+    from server.jitter_buffer import _Delays
+
+    rng = random.Random(7)
+    for window_s, attack_s in ((4.0, 1.0), (0.3, 1.0), (1.0, 1.0)):
+        delays = _Delays(window_s, attack_s)
+        kept: list[tuple[float, float]] = []
+        arrival = 0.0
+        for i in range(3000):
+            arrival += rng.choice((0.0, 0.001, 0.02, 0.02, 0.02, 0.05, 0.3))
+            transit = rng.choice((0.5, 0.5 + rng.random() * 0.2, 0.5 - rng.random() * 0.01, 0.51))
+            delays.add(arrival, transit)
+            kept = [(a, t) for a, t in [*kept, (arrival, transit)] if a >= arrival - window_s]
+            fastest = min(t for _, t in kept)
+            excess = sorted(t - fastest for _, t in kept)
+            recent = max(t - fastest for a, t in kept if a >= arrival - attack_s)
+            expected = max(recent, excess[min(len(excess) - 1, int(0.95 * len(excess)))])
+            assert delays.fastest() == fastest
+            assert delays.spread(0.95, fastest) == expected
+            assert len(delays.samples) == len(kept)
+            if i == 1500:
+                delays.clear()
+                kept = []

@@ -97,3 +97,70 @@ def test_garbage_is_refused_and_the_decoder_goes_on(payload):
         decoder.decode(b"")
     with pytest.raises(ValueError):
         OpusDecoder(44100)
+
+
+# -- the sender side (server.aiortc_compat): what aiortc's sender runs per 20 ms frame ------------------
+
+
+def s16_frame(pcm: np.ndarray, layout: str, rate: int = 24000) -> av.AudioFrame:
+    frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout=layout)
+    frame.sample_rate = rate
+    return frame
+
+
+def test_the_native_audio_level_is_aiortcs_to_the_bit():
+    from server.aiortc_compat import _AIORTC_AUDIO_LEVEL, audio_level_dbov
+
+    rng = np.random.default_rng(3)
+    cases = [np.zeros(960, np.int16), np.full(960, 32767, np.int16), np.full(960, -32768, np.int16),
+             np.ones(960, np.int16)]
+    cases += [(rng.standard_normal(960) * 10 ** rng.uniform(-1, 4.5)).clip(-32768, 32767).astype(np.int16)
+              for _ in range(300)]
+    for pcm in cases:
+        for layout, samples in (("stereo", pcm), ("mono", pcm[:480])):
+            frame = s16_frame(samples, layout)
+            assert audio_level_dbov(frame) == _AIORTC_AUDIO_LEVEL(frame)
+
+
+@pytest.mark.parametrize("fmt", ["s16", "s16p", "flt", "fltp"])
+@pytest.mark.parametrize("layout", ["mono", "stereo"])
+def test_the_senders_downmix_averages_channels_exactly(fmt, layout):
+    from server.aiortc_compat import _mono_float
+
+    rng = np.random.default_rng(5)
+    channels = 2 if layout == "stereo" else 1
+    planes = rng.integers(-32768, 32768, size=(channels, 480)).astype(np.int16)
+    if fmt.startswith("flt"):
+        planes = (planes / 32768.0).astype(np.float32)
+    data = planes if fmt.endswith("p") else planes.T.reshape(1, -1)
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt, layout=layout)
+    expected = planes.astype(np.float32) / (32768.0 if fmt.startswith("s16") else 1.0)
+    mono = _mono_float(frame)
+    assert mono.dtype == np.float32
+    np.testing.assert_array_equal(mono, expected.mean(axis=0))
+
+
+def test_the_sender_encodes_on_the_loop_with_aiortcs_contract():
+    import asyncio
+
+    from server.aiortc_compat import OpusSenderEncoder, _InlineEncodeLoop
+
+    async def main():
+        loop = _InlineEncodeLoop(asyncio.get_running_loop())
+        encoder = OpusSenderEncoder()
+        pcm = (tone(0.02 * 3, dbfs=-20.0)[::2] * 32767).astype(np.int16)  # 24 kHz, 3 frames
+        stamps = []
+        for i in range(3):
+            future = loop.run_in_executor(None, encoder.encode, s16_frame(np.repeat(pcm[i * 480:(i + 1) * 480], 2),
+                                                                          "stereo"), False)
+            assert future.done()
+            payloads, timestamp = await future
+            assert len(payloads) == 1 and OpusDecoder(24000).samples_in(payloads[0]) == 480
+            stamps.append(timestamp)
+        assert stamps == [0, 960, 1920]  # 48 kHz RTP clock
+        failing = loop.run_in_executor(None, encoder.encode, "not a frame")
+        with pytest.raises(AttributeError):
+            await failing
+        assert loop.is_running() and loop.get_debug() == asyncio.get_running_loop().get_debug()  # delegated
+
+    asyncio.run(main())
