@@ -10,7 +10,7 @@
 # from .whl/ (ignored by git), all --no-deps. For the lent H100/H200 image (Python 3.12, torch 2.11) these
 # were enough (61 MB): moshi==0.2.13 sphn==0.2.1 aiortc==1.16.0 av==18.1.0 aioice==0.13.0 pylibsrtp==1.0.0
 # pyee==13.0.1 google-crc32c==1.9.0 pyOpenSSL==26.4.0 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12
-# dnspython==2.9.2 ifaddr==0.2.0 aiohttp==3.11.18, fetched with `pip download --no-deps --only-binary=:all:
+# dnspython==2.9.2 ifaddr==0.2.0 aiohttp==3.11.18 prometheus_client, fetched with `pip download --no-deps --only-binary=:all:
 # --python-version 3.12 --platform manylinux_2_28_x86_64 ...` (sphn needs manylinux_2_24). With `./run`'s
 # virtual environment instead, run the same commands with PYTHON=.venv/bin/python.
 set -uo pipefail
