@@ -16,6 +16,7 @@ import asyncio
 import base64
 import io
 import shutil
+import socket
 import wave
 
 import aiohttp
@@ -137,9 +138,10 @@ class ChromiumCallProxy:
         app.router.add_post("/offer", self._offer)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        listening = socket.socket()
+        listening.bind(("127.0.0.1", 0))
+        await web.SockSite(self._runner, listening).start()
+        self.url = f"http://127.0.0.1:{listening.getsockname()[1]}"
         return self
 
     async def _offer(self, request: web.Request) -> web.Response:

@@ -101,6 +101,11 @@ def is_device_fatal(exc: BaseException) -> bool:
     )
 
 
+def no_persona_error(info: ModelInfo) -> PersonaError:
+    return PersonaError(f"the model {info.name} ({info.kind}) takes no persona: text and voice prompts "
+                        "need a PersonaPlex-style model")
+
+
 def rms(samples: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(samples, dtype=np.float64)))) if samples.size else 0.0
 
@@ -162,6 +167,15 @@ class CallStats:
     @property
     def mean_step_ms(self) -> float:
         return self.step_ms_total / self.frames_out if self.frames_out else 0.0
+
+    def count_result(self, result: FrameResult) -> None:
+        """Account for one frame the model answered (the engine's own calls and a worker's remote ones)."""
+        self.frames_out += 1
+        self.frames_silent += int(result.silent)
+        self.text_pieces += int(result.text is not None)
+        self.last_input_rms = result.input_rms
+        self.last_output_rms = result.output_rms
+        self.step_ms_total += result.step_ms
 
 
 @dataclass
@@ -284,12 +298,7 @@ class Call:
             step_ms=step_ms,
             latency_ms=1000 * (time.perf_counter() - pending.submitted),
         )
-        self.stats.frames_out += 1
-        self.stats.frames_silent += int(silent)
-        self.stats.text_pieces += int(output.text is not None)
-        self.stats.last_input_rms = result.input_rms
-        self.stats.last_output_rms = result.output_rms
-        self.stats.step_ms_total += step_ms
+        self.stats.count_result(result)
         pending.future.set_result(result)
 
 
@@ -416,10 +425,7 @@ class Engine:
         """Check a persona against this model's voices and limits (PersonaError says what is wrong)."""
         book = self.prompt_book
         if book is None:
-            raise PersonaError(
-                f"the model {self.info.name} ({self.info.kind}) takes no persona: text and voice prompts "
-                "need a PersonaPlex-style model"
-            )
+            raise no_persona_error(self.info)
         return book.plan(persona)
 
     async def open_call(self, seed: int | None = None, prompt: PromptPlan | None = None) -> Call:

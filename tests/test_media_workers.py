@@ -113,6 +113,11 @@ class Caller:
         return response
 
 
+async def answered(http: aiohttp.ClientSession, front: Front, callers: list[Caller]) -> None:
+    for caller in callers:
+        assert (await caller.call(http, front.url)).status == 200
+
+
 def metric(text: str, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.split(" ")[0] == name)
 
@@ -122,8 +127,7 @@ async def test_calls_run_in_workers_with_exact_admission_and_routing_by_session(
     callers = [Caller(), Caller(), Caller()]
     try:
         async with aiohttp.ClientSession() as http:
-            for caller in callers[:2]:
-                assert (await caller.call(http, front.url)).status == 200
+            await answered(http, front, callers[:2])
             ids = [caller.session_id for caller in callers[:2]]
             assert sorted(i.split(".")[0] for i in ids) == ["w0", "w1"]  # one call on each worker
             busy = await callers[2].call(http, front.url)
@@ -156,8 +160,7 @@ async def test_a_killed_worker_ends_only_its_calls_frees_their_slots_and_is_repl
     callers = [Caller(), Caller(), Caller()]
     try:
         async with aiohttp.ClientSession() as http:
-            for caller in callers[:2]:
-                assert (await caller.call(http, front.url)).status == 200
+            await answered(http, front, callers[:2])
             await asyncio.wait_for(asyncio.gather(*(c.heard(5) for c in callers[:2])), 60)
             victim, survivor = callers[:2]
             victim_worker = front.workers.holding(victim.session_id)

@@ -32,6 +32,7 @@ from ..engine import (
     FrameDropped,
     FrameResult,
     check_frame,
+    no_persona_error,
     rms,
 )
 from ..persona import Persona, PersonaError
@@ -111,14 +112,11 @@ class RemoteCall:
         if waiting is None or waiting[0].done():
             return
         future, sent_at, _ = waiting
-        self.stats.frames_out += 1
-        self.stats.frames_silent += int(result.silent)
-        self.stats.text_pieces += int(result.text is not None)
-        self.stats.last_input_rms, self.stats.last_output_rms = result.input_rms, result.output_rms
-        self.stats.step_ms_total += result.step_ms
-        future.set_result(FrameResult(audio=result.audio, text=result.text, silent=result.silent,
-                                      input_rms=result.input_rms, output_rms=result.output_rms,
-                                      step_ms=result.step_ms, latency_ms=1000 * (time.perf_counter() - sent_at)))
+        answer = FrameResult(audio=result.audio, text=result.text, silent=result.silent,
+                             input_rms=result.input_rms, output_rms=result.output_rms,
+                             step_ms=result.step_ms, latency_ms=1000 * (time.perf_counter() - sent_at))
+        self.stats.count_result(answer)
+        future.set_result(answer)
 
     def on_dropped(self, seq: int) -> None:
         waiting = self._waiting.pop(seq, None)
@@ -186,8 +184,7 @@ class RemoteEngine:
     def plan_persona(self, persona: Persona | None) -> Persona | None:
         """Personas are checked by the engine process when the call opens; here they pass through."""
         if not self.takes_persona:
-            raise PersonaError(f"the model {self.info.name} ({self.info.kind}) takes no persona: text and voice "
-                               "prompts need a PersonaPlex-style model")
+            raise no_persona_error(self.info)
         return persona
 
     async def check_device(self) -> bool:
