@@ -7,6 +7,7 @@ broken pipeline, so each property is tested in both directions.
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -156,10 +157,19 @@ async def test_opening_a_call_resets_only_its_own_slot(tiny_engine):
     assert same(alone, results)
 
 
-async def test_a_backlog_past_its_bound_drops_the_oldest_frames_and_counts_them(tiny_engine):
+async def test_a_backlog_past_its_bound_drops_the_oldest_frames_and_counts_them(tiny_engine, monkeypatch):
     call = await tiny_engine.open_call()
     frames = noise_frames(2, 7)
-    futures = [call.submit(frame) for frame in frames]  # all at once: far faster than the model steps
+    stepper, gate = tiny_engine.stepper, threading.Event()
+    step = stepper.step
+
+    def held_step(*args, **kwargs):  # the model is slower than the caller, however idle the machine
+        gate.wait()
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(stepper, "step", held_step)
+    futures = [call.submit(frame) for frame in frames]  # all at once, while the first step is held
+    gate.set()
     outcomes = await asyncio.gather(*futures, return_exceptions=True)
     bound = tiny_engine.max_backlog_frames
     dropped = [o for o in outcomes if isinstance(o, FrameDropped)]
