@@ -24,7 +24,7 @@ import numpy as np
 from aiohttp import web
 from net_relay import Rule, UdpRelay
 
-from server.latency_probe import BurstPlan
+from server.media.latency_probe import BurstPlan
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_FLAGS = [

@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from server.model_check import read_layout  # noqa: E402
-from server.model_source import LoadedModel, ModelSource, load_model  # noqa: E402
-from server.moshi_step import MoshiStepper, SamplingConfig  # noqa: E402
-from server.persona_step import PersonaStepper, VoiceOptions, synthetic_voices  # noqa: E402
-from server.random_model import RANDOM_MOSHIKO, RANDOM_PERSONAPLEX, build_random_model  # noqa: E402
+from server.model.check import read_layout  # noqa: E402
+from server.model.moshi_step import MoshiStepper, SamplingConfig  # noqa: E402
+from server.model.persona_step import PersonaStepper, VoiceOptions, synthetic_voices  # noqa: E402
+from server.model.random_model import RANDOM_MOSHIKO, RANDOM_PERSONAPLEX, build_random_model  # noqa: E402
+from server.model.source import LoadedModel, ModelSource, load_model  # noqa: E402
 
 FRAME_MS = 80.0
 HEADROOM_MS = 60.0

@@ -33,10 +33,10 @@ import numpy as np  # noqa: E402
 from aiohttp import web  # noqa: E402
 from aiortc import RTCPeerConnection, RTCSessionDescription  # noqa: E402
 
-from server.audio_out import OutboundAudioTrack  # noqa: E402
-from server.engine_setup import create_engine  # noqa: E402
-from server.ice import IceConfig, use_host_addresses  # noqa: E402
-from server.model_source import ModelSource  # noqa: E402
+from server.engine.setup import create_engine  # noqa: E402
+from server.media.audio_out import OutboundAudioTrack  # noqa: E402
+from server.media.ice import IceConfig, use_host_addresses  # noqa: E402
+from server.model.source import ModelSource  # noqa: E402
 from signaling.app import SignalingService  # noqa: E402
 
 CLICK_EVERY_S = 0.5

@@ -9,7 +9,7 @@ so the callers' own media work never limits the server under test.
 
 For each K the server (`moshi-webrtc serve`, its own process) is started fresh
 with --max-calls K; a client process places K calls at once, each streaming
-self-identifying tone bursts (server/latency_probe.py) for the whole run. Per K:
+self-identifying tone bursts (server/media/latency_probe.py) for the whole run. Per K:
 
 - mouth-to-ear delay per call, p50 and p95 (meaningful with `echo`, which sends
   the bursts back; the tiny model answers with babble, so there only the
@@ -127,10 +127,10 @@ async def steady_cpu(pid: int, seconds: float) -> float | None:
 async def one_caller(url: str, seconds: float, index: int) -> dict:
     from aiortc import RTCPeerConnection, RTCSessionDescription
 
-    from server.audio_out import OutboundAudioTrack
     from server.caller import record_track
-    from server.ice import IceConfig
-    from server.latency_probe import BurstPlan
+    from server.media.audio_out import OutboundAudioTrack
+    from server.media.ice import IceConfig
+    from server.media.latency_probe import BurstPlan
 
     plan = BurstPlan(count=int(seconds / 0.5) - 1, every_s=0.5, lead_s=0.5 + 0.013 * index)
     pc = RTCPeerConnection(IceConfig().rtc_configuration())
@@ -174,7 +174,7 @@ async def one_caller(url: str, seconds: float, index: int) -> dict:
 
 
 async def client_main(url: str, calls: int, seconds: float, first_index: int) -> None:
-    from server.ice import use_host_addresses
+    from server.media.ice import use_host_addresses
 
     use_host_addresses(["127.0.0.1"])
     results = await asyncio.gather(*(one_caller(url, seconds, first_index + i) for i in range(calls)))

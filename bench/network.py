@@ -38,12 +38,12 @@ from aiortc import RTCPeerConnection, RTCSessionDescription  # noqa: E402
 from aiortc.contrib.media import MediaRelay  # noqa: E402
 from net_relay import Rule, UdpRelay, clean, lose  # noqa: E402
 
-from server.audio_out import OutboundAudioTrack  # noqa: E402
 from server.caller import record_track  # noqa: E402
-from server.engine_setup import create_engine  # noqa: E402
-from server.ice import IceConfig, use_host_addresses  # noqa: E402
-from server.latency_probe import BurstPlan  # noqa: E402
-from server.model_source import ModelSource  # noqa: E402
+from server.engine.setup import create_engine  # noqa: E402
+from server.media.audio_out import OutboundAudioTrack  # noqa: E402
+from server.media.ice import IceConfig, use_host_addresses  # noqa: E402
+from server.media.latency_probe import BurstPlan  # noqa: E402
+from server.model.source import ModelSource  # noqa: E402
 from signaling.app import SignalingConfig, SignalingService  # noqa: E402
 
 PACKETS_PER_S = 50

@@ -31,9 +31,9 @@ import numpy as np  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from server.caller import place_call  # noqa: E402
-from server.engine_setup import create_engine  # noqa: E402
-from server.ice import use_host_addresses  # noqa: E402
-from server.model_source import ModelSource  # noqa: E402
+from server.engine.setup import create_engine  # noqa: E402
+from server.media.ice import use_host_addresses  # noqa: E402
+from server.model.source import ModelSource  # noqa: E402
 from signaling.app import SignalingConfig, SignalingService  # noqa: E402
 
 

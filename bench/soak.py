@@ -31,8 +31,8 @@ import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 from aiortc import RTCPeerConnection, RTCSessionDescription  # noqa: E402
 
-from server.audio_out import OutboundAudioTrack  # noqa: E402
-from server.ice import IceConfig  # noqa: E402
+from server.media.audio_out import OutboundAudioTrack  # noqa: E402
+from server.media.ice import IceConfig  # noqa: E402
 
 ENDINGS = ("delete", "close", "quiet", "early_close")
 
@@ -134,9 +134,9 @@ async def settle(service, timeout_s: float = 15.0) -> None:
 async def run(model: str, calls: int, concurrency: int, warmup: int) -> dict:
     from aiohttp import web
 
-    from server.engine_setup import create_engine
-    from server.ice import use_host_addresses
-    from server.model_source import ModelSource
+    from server.engine.setup import create_engine
+    from server.media.ice import use_host_addresses
+    from server.model.source import ModelSource
     from signaling.app import SignalingConfig, SignalingService
 
     use_host_addresses(["127.0.0.1"])

@@ -54,8 +54,8 @@ from net_relay import UdpRelay  # noqa: E402
 from network import conditions, start_naive, start_ours  # noqa: E402
 
 from server.caller import CallRecording, place_call  # noqa: E402
-from server.ice import IceConfig, use_host_addresses  # noqa: E402
-from server.opus_codec import OpusDecoder, OpusEncoder  # noqa: E402
+from server.media.ice import IceConfig, use_host_addresses  # noqa: E402
+from server.media.opus_codec import OpusDecoder, OpusEncoder  # noqa: E402
 from signaling.app import SignalingService  # noqa: E402
 
 SPEECH_DIR = Path("/usr/share/pocketsphinx/test/data/librivox")

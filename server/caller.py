@@ -24,10 +24,10 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from . import aiortc_compat
-from .audio_in import InboundAudio
-from .audio_out import OutboundAudioTrack
-from .ice import IceConfig, IceServer
+from .audio.inbound import InboundAudio
+from .media import aiortc_compat
+from .media.audio_out import OutboundAudioTrack
+from .media.ice import IceConfig, IceServer
 
 SEND_RATE = 48000
 RECORD_RATE = 24000

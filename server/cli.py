@@ -15,8 +15,8 @@ import os
 import signal
 import sys
 
-from .persona import PersonaLimits
-from .turn import TURN_SECRET_ENV
+from .media.turn import TURN_SECRET_ENV
+from .model.persona import PersonaLimits
 
 WHIP_TOKEN_ENV = "MOSHI_WEBRTC_WHIP_TOKEN"
 API_TOKEN_ENV = "MOSHI_WEBRTC_API_TOKEN"
@@ -142,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _engine_for(args: argparse.Namespace, model: str):
-    from .engine_setup import create_engine
-    from .model_source import ModelSource
-    from .moshi_step import SamplingConfig
+    from .engine.setup import create_engine
+    from .model.moshi_step import SamplingConfig
+    from .model.source import ModelSource
 
     source = ModelSource(model=model, revision=args.revision, moshi_weight=args.moshi_weight,
                          mimi_weight=args.mimi_weight, tokenizer=args.tokenizer, config_path=args.config_path,
@@ -160,8 +160,8 @@ def _voice_options(args: argparse.Namespace, model: str):
     """None unless an operator set a persona option: a model that takes no persona then refuses to start."""
     from pathlib import Path
 
-    from .persona_step import VoiceOptions
-    from .voices import voices_folder
+    from .model.persona_step import VoiceOptions
+    from .model.voices import voices_folder
 
     limits = PersonaLimits(args.max_prompt_chars, args.max_prompt_tokens, args.max_voice_seconds)
     if not (args.voices or args.default_voice or args.default_prompt is not None) and limits == PersonaLimits():
@@ -169,7 +169,7 @@ def _voice_options(args: argparse.Namespace, model: str):
     folder = voices_folder(Path(args.voices)) if args.voices else None
     synthetic = None
     if folder is None and model == "tiny-persona":
-        from .persona_step import synthetic_voices
+        from .model.persona_step import synthetic_voices
 
         synthetic = synthetic_voices()
     return VoiceOptions(folder=folder, synthetic=synthetic, limits=limits, default_voice=args.default_voice,
@@ -192,8 +192,9 @@ async def serve(args: argparse.Namespace) -> int:
 
     from signaling.app import SignalingConfig, SignalingService
 
-    from .ice import IceConfig, parse_ice_server, use_host_addresses
-    from .workers.pool import MediaWorkers, default_worker_count
+    from .media.ice import IceConfig, parse_ice_server, use_host_addresses
+    from .media.workers import MediaWorkers, default_worker_count
+    from .worker import worker_main
 
     use_host_addresses(args.ice_host_address or None)
     if args.switch_interval_ms is not None:
@@ -213,7 +214,7 @@ async def serve(args: argparse.Namespace) -> int:
     worker_count = default_worker_count(args.max_calls) if args.media_workers is None else args.media_workers
     workers = None
     if worker_count > 0:
-        workers = MediaWorkers(engine, worker_count, config, host_addresses=args.ice_host_address or None,
+        workers = MediaWorkers(engine, worker_count, config, worker_main, host_addresses=args.ice_host_address or None,
                                log_level=args.log_level.upper())
     service = SignalingService(engine, config, workers=workers)
     runner = web.AppRunner(service.app(), access_log=None)
@@ -272,9 +273,9 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 async def call(args: argparse.Namespace) -> int:
-    from .audio_in import read_audio_file
+    from .audio.inbound import read_audio_file
     from .caller import SEND_RATE, CallFailed, CallRefused, place_call, write_wav
-    from .ice import IceConfig, parse_ice_server, use_host_addresses
+    from .media.ice import IceConfig, parse_ice_server, use_host_addresses
 
     use_host_addresses(args.ice_host_address or None)
     audio = read_audio_file(args.input, SEND_RATE)
@@ -304,16 +305,16 @@ def voice_prompt(args: argparse.Namespace) -> int:
     """Replay the clip through the model once and save what replaying it takes: embeddings and cache."""
     from pathlib import Path
 
-    from .engine_setup import build_stepper
-    from .model_source import ModelSource
-    from .persona import save_precomputed_voice
-    from .persona_step import VoiceOptions
+    from .engine.setup import build_stepper
+    from .model.persona import save_precomputed_voice
+    from .model.persona_step import VoiceOptions
+    from .model.source import ModelSource
 
     clip = Path(args.clip)
     source = ModelSource(model=_first_choice(args), revision=args.revision, moshi_weight=args.moshi_weight,
                          mimi_weight=args.mimi_weight, tokenizer=args.tokenizer, config_path=args.config_path,
                          lora_weight=args.lora_weight)
-    from .audio_in import read_audio_file
+    from .audio.inbound import read_audio_file
 
     voices = VoiceOptions(synthetic={clip.stem: read_audio_file(str(clip))},
                           limits=PersonaLimits(max_voice_seconds=args.max_voice_seconds))

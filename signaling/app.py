@@ -35,10 +35,10 @@ from aiohttp import web
 from aiortc import RTCSessionDescription
 
 from server.engine import Engine, EngineFull, EngineNotReady
-from server.ice import IceConfig
-from server.peer import CallSession, RelayUnavailable
-from server.persona import Persona, PersonaError
-from server.workers.pool import MediaWorkers
+from server.media.ice import IceConfig
+from server.media.peer import CallSession, RelayUnavailable
+from server.media.workers import MediaWorkers
+from server.model.persona import Persona, PersonaError
 
 from .errors import SessionRefused, json_error
 from .forward import CallForwarder, WorkerTotals, merge_expositions
@@ -68,7 +68,7 @@ class SignalingConfig:
     max_offers_per_minute: int = 20  # per client address; 0: no limit
     trust_forwarded_for: bool = False  # behind a reverse proxy: the client is X-Forwarded-For's first address
     max_call_s: float | None = 3600.0  # a call ends after this long
-    session_id_prefix: str = ""  # a media worker's own (server.workers.worker), so the front can route by id
+    session_id_prefix: str = ""  # a media worker's own (server.worker), so the front can route by id
 
 
 class SignalingService:

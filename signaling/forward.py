@@ -20,7 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from server.workers.pool import MediaWorkers, WorkerProcess
+from server.media.workers import MediaWorkers, WorkerProcess
 
 from .errors import json_error
 

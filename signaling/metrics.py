@@ -24,7 +24,7 @@ LEVEL_BUCKETS = (-90, -70, -60, -50, -40, -30, -20, -10, -3, 0)
 STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
 DELAY_BUCKETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 RECEIVE_DELAY_BUCKETS = (0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4)
-# ReceiveStats fields (server.audio_receive) summed over live and ended calls
+# ReceiveStats fields (server.media.audio_receive) summed over live and ended calls
 RECEIVE_COUNTERS = (
     ("packets", "moshi_receive_packets", "RTP packets received from callers"),
     ("lost", "moshi_receive_packets_lost", "Callers' packets missing when due (restored by FEC or concealed)"),
@@ -107,12 +107,12 @@ class ServiceMetrics:
     def _receive_totals(self) -> dict[str, float]:
         totals = dict(self._ended_receive)
         for session in self._live_sessions():
-            for key, value in session.receiver.stats.as_dict().items():
+            for key, value in session.receive_figures().items():
                 totals[key] = totals.get(key, 0) + value
         return totals
 
     def _live_output_dropped_s(self) -> float:
-        return sum(s.outbound.samples_dropped / s.outbound.sample_rate for s in self._live_sessions())
+        return sum(session.output_dropped_s for session in self._live_sessions())
 
     def engine_step(self, seconds: float, rows: int) -> None:
         """Called on the engine's inference thread (prometheus_client is thread-safe)."""

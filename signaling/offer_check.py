@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from aiortc import RTCSessionDescription
 from aiortc.sdp import SessionDescription
 
-from server.persona import Persona, PersonaError
+from server.model.persona import Persona, PersonaError
 
 MAX_BODY_BYTES = 64 * 1024  # a browser's offer is a few kB; anything this large is not an offer
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from aiortc import RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
-from server.persona import Persona
+from server.model.persona import Persona
 
 from .errors import SessionRefused, json_error
 from .offer_check import MAX_BODY_BYTES, OfferRejected, check_offer_sdp
@@ -112,7 +112,7 @@ class WhipEndpoint:
             return json_error(415, f"a WHIP PATCH must be {SDPFRAG}, got {request.content_type or 'no content type'}")
         fragment = (await request.read()).decode(errors="replace")
         ufrag, pwd = _ice_credentials(fragment)
-        current = _ice_credentials(session.pc.remoteDescription.sdp)
+        current = _ice_credentials(session.remote_sdp)
         if (ufrag and ufrag != current[0]) or (pwd and pwd != current[1]):
             return json_error(422, "ICE restarts are not supported: hang up and call again")
         mid = None
@@ -127,7 +127,7 @@ class WhipEndpoint:
                 except (ValueError, IndexError) as exc:
                     return json_error(400, f"a candidate does not parse: {line!r} ({exc})")
                 candidate.sdpMid = mid
-                await session.pc.addIceCandidate(candidate)
+                await session.add_remote_candidate(candidate)
                 added += 1
         log.info("whip session %s: %d trickled candidates", session.session_id, added)
         return web.Response(status=204)

@@ -11,9 +11,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from server.engine import Engine, FrameResult  # noqa: E402
-from server.engine_setup import create_engine  # noqa: E402
-from server.model_source import ModelSource  # noqa: E402
-from server.moshi_step import GREEDY  # noqa: E402
+from server.engine.setup import create_engine  # noqa: E402
+from server.model.moshi_step import GREEDY  # noqa: E402
+from server.model.source import ModelSource  # noqa: E402
 
 FRAME = 1920
 SAMPLE_RATE = 24000
@@ -85,7 +85,7 @@ async def sampling_engine():
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from server.ice import use_host_addresses  # noqa: E402
+from server.media.ice import use_host_addresses  # noqa: E402
 from signaling.app import SignalingConfig, SignalingService  # noqa: E402
 
 

@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from server.audio_in import InboundAudio
+from server.audio.inbound import InboundAudio
 
 
 def make_frames(rate: int, layout: str, fmt: str, hz: float = 440.0, dbfs: float = -20.0, seconds: float = 1.0):

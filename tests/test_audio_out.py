@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from aiortc.mediastreams import MediaStreamError
 
-from server.audio_out import OutboundAudioTrack, SendPhase
+from server.media.audio_out import OutboundAudioTrack, SendPhase
 
 
 async def test_frames_never_run_ahead_of_the_wall_clock_and_pts_step_by_20ms():

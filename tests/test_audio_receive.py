@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_opus_codec import encode, tone
 
-from server.audio_receive import AudioReceiver
+from server.media.audio_receive import AudioReceiver
 
 PACKETS = encode(tone(2.0), loss_percent=10)  # 100 real 20 ms Opus packets with FEC
 

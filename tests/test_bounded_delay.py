@@ -11,11 +11,11 @@ import numpy as np
 from aiortc import RTCPeerConnection
 from conftest import connect, start_server, stop_server
 
-from server.audio_out import OutboundAudioTrack
 from server.caller import record_track
-from server.engine_setup import create_engine
-from server.latency_probe import BurstPlan
-from server.model_source import ModelSource
+from server.engine.setup import create_engine
+from server.media.audio_out import OutboundAudioTrack
+from server.media.latency_probe import BurstPlan
+from server.model.source import ModelSource
 
 PLAN = BurstPlan(count=30, every_s=1.0)
 

@@ -96,9 +96,9 @@ async def test_the_page_calls_with_the_persona_typed_and_picked(tmp_path):
     from conftest import start_server, stop_server
     from playwright.async_api import async_playwright
 
-    from server.engine_setup import create_engine
-    from server.model_source import ModelSource
-    from server.moshi_step import GREEDY
+    from server.engine.setup import create_engine
+    from server.model.moshi_step import GREEDY
+    from server.model.source import ModelSource
 
     voice_wav(tmp_path / "mic.wav")
     engine = create_engine(ModelSource("tiny-persona"), max_calls=1, sampling=GREEDY, cpu_threads=1,
@@ -136,8 +136,8 @@ async def test_the_page_sends_the_token_from_its_address(tmp_path):
     from conftest import start_server, stop_server
     from playwright.async_api import async_playwright
 
-    from server.engine_setup import create_engine
-    from server.model_source import ModelSource
+    from server.engine.setup import create_engine
+    from server.model.source import ModelSource
     from signaling.app import SignalingConfig
 
     voice_wav(tmp_path / "mic.wav", seconds=3)
@@ -161,8 +161,8 @@ async def test_the_page_says_when_the_line_is_busy(tmp_path):
     from playwright.async_api import async_playwright
 
     from server.caller import place_call
-    from server.engine_setup import create_engine
-    from server.model_source import ModelSource
+    from server.engine.setup import create_engine
+    from server.model.source import ModelSource
 
     voice_wav(tmp_path / "mic.wav", seconds=2)
     server = await start_server(create_engine(ModelSource("echo"), max_calls=1))
@@ -185,9 +185,9 @@ async def test_chromium_calls_through_the_turn_relay_only(coturn, tmp_path):
     from conftest import TURN_SECRET, start_server, stop_server
     from playwright.async_api import async_playwright
 
-    from server.engine_setup import create_engine
-    from server.ice import IceConfig
-    from server.model_source import ModelSource
+    from server.engine.setup import create_engine
+    from server.media.ice import IceConfig
+    from server.model.source import ModelSource
     from signaling.app import SignalingConfig
 
     voice_wav(tmp_path / "mic.wav")

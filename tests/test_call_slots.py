@@ -14,9 +14,9 @@ import pytest
 from conftest import audio_of, noise_frames, run_call, texts_of, tone_frames
 
 from server.engine import EngineFull, FrameDropped
-from server.engine_setup import create_engine
-from server.model_source import ModelSource
-from server.moshi_step import GREEDY
+from server.engine.setup import create_engine
+from server.model.moshi_step import GREEDY
+from server.model.source import ModelSource
 
 FRAMES = 14
 

@@ -63,7 +63,7 @@ def test_serve_and_call_from_the_command_line(tmp_path):
 
 
 def test_serve_refuses_a_model_that_does_not_fit(tmp_path):
-    from server.tiny_model import write_tiny_checkpoint
+    from server.model.tiny_model import write_tiny_checkpoint
 
     directory = write_tiny_checkpoint(tmp_path / "ckpt")
     config = json.loads((directory / "config.json").read_text())
@@ -77,7 +77,7 @@ def test_serve_refuses_a_model_that_does_not_fit(tmp_path):
 
 def test_a_precomputed_voice_made_by_the_cli_serves_a_persona_call(tmp_path):
     """`voice-prompt` turns a clip into a PersonaPlex .pt voice; `serve --voices` offers it; `call --voice` uses it."""
-    from server.persona_step import synthetic_voices
+    from server.model.persona_step import synthetic_voices
 
     env = dict(os.environ, NO_TORCH_COMPILE="1")
     write_wav(tmp_path / "clara.wav", synthetic_voices()["test-high"], 24000)

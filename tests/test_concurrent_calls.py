@@ -16,14 +16,14 @@ from conftest import start_server, stop_server
 from test_call_e2e import speechlike, tone
 
 import signaling.app
-from server import audio_receive
 from server.caller import place_call
 from server.engine import Call
-from server.engine_setup import create_engine
-from server.jitter_buffer import JitterBuffer
-from server.model_source import ModelSource
-from server.moshi_step import GREEDY
-from server.peer import CallSession
+from server.engine.setup import create_engine
+from server.media import audio_receive
+from server.media.jitter_buffer import JitterBuffer
+from server.media.peer import CallSession
+from server.model.moshi_step import GREEDY
+from server.model.source import ModelSource
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ Runs only where CUDA is present; on a GPU host with the packages installed:
     CUDA_LAUNCH_BLOCKING=1 python3 -m pytest tests/test_cuda.py -k masked   # masked rows, launches synchronous
 
 The models are moshiko's and PersonaPlex's architectures with random weights
-(`server.random_model`): the same shapes, kernels and graphs as the real
+(`server.model.random_model`): the same shapes, kernels and graphs as the real
 checkpoints. Each property is the one the CPU suite checks on the tiny model,
 here where it can break differently: graph replays reuse their output
 buffers, bf16 kernels are picked per shape, and an out-of-range id is a
@@ -29,12 +29,12 @@ import pytest
 import torch
 from conftest import noise_frames, tone_frames
 
-from server.model_source import LoadedModel, ModelSource, load_model
-from server.moshi_step import GREEDY, MoshiStepper, SamplingConfig
-from server.persona import Persona, PromptPlan
-from server.persona_step import PersonaStepper, VoiceOptions, synthetic_voices
-from server.stepper import SlotOutput
-from server.tokens import TokenRangeError
+from server.model.moshi_step import GREEDY, MoshiStepper, SamplingConfig
+from server.model.persona import Persona, PromptPlan
+from server.model.persona_step import PersonaStepper, VoiceOptions, synthetic_voices
+from server.model.source import LoadedModel, ModelSource, load_model
+from server.model.stepper import SlotOutput
+from server.model.tokens import TokenRangeError
 
 ON_CPU = os.environ.get("MOSHI_WEBRTC_GPU_TESTS_ON_CPU") == "1"
 pytestmark = pytest.mark.skipif(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from conftest import noise_frames, run_call, tone_frames
 
-from server.engine_setup import create_engine
-from server.model_source import ModelSource
+from server.engine.setup import create_engine
+from server.model.source import ModelSource
 
 
 async def test_echo_hands_back_each_callers_audio_one_frame_late():

@@ -13,11 +13,11 @@ import socket
 import numpy as np
 import pytest
 
-from server.engine_setup import create_engine
-from server.model_source import ModelSource
-from server.workers import channel, wire
-from server.workers.engine_host import EngineHost
-from server.workers.remote_engine import EngineLost, RemoteEngine
+from server.engine import channel, wire
+from server.engine.host import EngineHost
+from server.engine.remote import EngineLost, RemoteEngine
+from server.engine.setup import create_engine
+from server.model.source import ModelSource
 
 FRAME = 1920
 

@@ -12,9 +12,9 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMGen
 
 from server.engine import EngineNotReady, check_frame
-from server.engine_setup import create_engine
-from server.model_source import ModelSource
-from server.moshi_step import GREEDY
+from server.engine.setup import create_engine
+from server.model.moshi_step import GREEDY
+from server.model.source import ModelSource
 
 
 async def test_all_model_work_runs_on_the_engines_inference_thread(monkeypatch):
@@ -55,7 +55,7 @@ async def test_calls_wait_for_warm_up():
 
 
 def test_cpu_gets_float32_and_cuda_would_get_bf16():
-    from server.model_check import default_device, default_dtype
+    from server.model.check import default_device, default_dtype
 
     assert default_dtype(torch.device("cpu")) == torch.float32
     assert default_dtype(torch.device("cuda")) == torch.bfloat16

@@ -17,9 +17,9 @@ from conftest import noise_frames, start_server, stop_server
 
 from server.caller import place_call
 from server.engine import DeviceFailed, EngineNotReady, is_device_fatal
-from server.engine_setup import create_engine
-from server.model_source import ModelSource
-from server.moshi_step import GREEDY
+from server.engine.setup import create_engine
+from server.model.moshi_step import GREEDY
+from server.model.source import ModelSource
 
 
 def fail_slot_decode(stepper, slot: int, after: int = 3):
@@ -131,13 +131,31 @@ async def test_a_device_error_is_fatal_it_ends_every_call_and_health_fails():
     await stop_server(server)
 
 
+async def test_the_frames_in_the_step_that_kills_the_engine_fail_too():
+    """The frames being stepped when the device (or the loop itself) dies are no longer in any queue: they
+    must fail with the fatal error like the waiting ones, or their callers would wait for ever."""
+    engine = create_engine(ModelSource("tiny"), max_calls=2, sampling=GREEDY)
+    await engine.start()
+    call = await engine.open_call(seed=1)
+
+    def step(frames, rows, prompts=None):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    engine.stepper.step = step
+    with pytest.raises(DeviceFailed, match="device failed"):
+        await asyncio.wait_for(call.submit(noise_frames(1, 1)[0]), 60)  # a hang guard, not a timing
+    assert isinstance(engine.fatal, DeviceFailed)
+    await engine.stop()
+    assert not engine.thread_alive
+
+
 async def test_a_probe_given_up_before_it_ran_does_not_stop_the_engine():
     """/readyz gives up on a device probe after 2 s; the engine must neither run it later nor die of it."""
     import time
 
     engine = create_engine(ModelSource("tiny"), max_calls=1, sampling=GREEDY)
     await engine.start()
-    busy = asyncio.ensure_future(engine._run_op(lambda: time.sleep(0.3)))  # the thread is in a long step
+    busy = asyncio.ensure_future(engine.run_op(lambda: time.sleep(0.3)))  # the thread is in a long step
     await asyncio.sleep(0.05)
     probe = asyncio.ensure_future(engine.check_device())
     await asyncio.sleep(0.05)
@@ -145,7 +163,7 @@ async def test_a_probe_given_up_before_it_ran_does_not_stop_the_engine():
     await busy
     call = await asyncio.wait_for(engine.open_call(), 5)
     result = await asyncio.wait_for(call.process(noise_frames(1, 1)[0]), 5)
-    assert result.audio.shape == (1920,) and engine.fatal is None and engine._thread.is_alive()
+    assert result.audio.shape == (1920,) and engine.fatal is None and engine.thread_alive
     await call.close()
     await engine.stop()
 
@@ -162,7 +180,7 @@ async def test_a_peer_whose_close_fails_still_has_its_transports_stopped(echo_se
     from aiortc import RTCPeerConnection
     from conftest import connect
 
-    from server.audio_out import OutboundAudioTrack
+    from server.media.audio_out import OutboundAudioTrack
 
     pc = RTCPeerConnection()
     pc.addTrack(OutboundAudioTrack(sample_rate=48000))

@@ -18,11 +18,11 @@ from aiortc import RTCPeerConnection
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.audio_in import InboundAudio
-from server.audio_out import OutboundAudioTrack
+from server.audio.inbound import InboundAudio
 from server.engine import check_frame
-from server.engine_setup import create_engine
-from server.model_source import ModelSource
+from server.engine.setup import create_engine
+from server.media.audio_out import OutboundAudioTrack
+from server.model.source import ModelSource
 from signaling.app import SignalingConfig
 from signaling.offer_check import OfferRejected, check_offer_sdp, parse_offer_json
 
@@ -110,7 +110,7 @@ def http_server():
     """The real app on loopback (echo engine), on a loop of its own that sync hypothesis tests drive."""
     from conftest import start_server, stop_server
 
-    from server.ice import use_host_addresses
+    from server.media.ice import use_host_addresses
 
     use_host_addresses(["127.0.0.1"])
     loop = asyncio.new_event_loop()

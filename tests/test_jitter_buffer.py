@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.jitter_buffer import Conceal, JitterBuffer, Play, Recover, Silence
+from server.media.jitter_buffer import Conceal, JitterBuffer, Play, Recover, Silence
 
 TICKS = 960  # 20 ms at 48 kHz
 PACKET_S = 0.02
@@ -206,7 +206,7 @@ def test_any_mix_of_loss_jitter_and_reordering_keeps_media_time_exact(seed):
 def test_delay_figures_match_a_scan_of_the_window():
     """The fastest transit and the spread come from kept-sorted structures; they must equal a plain scan of
     the window (the figures the buffer's timing rests on), for bursty arrivals, equal times and ties."""
-    from server.jitter_buffer import _Delays
+    from server.media.jitter_buffer import _Delays
 
     rng = random.Random(7)
     for window_s, attack_s in ((4.0, 1.0), (0.3, 1.0), (1.0, 1.0)):

@@ -23,12 +23,13 @@ from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-from server.audio_in import InboundAudio
-from server.audio_out import OutboundAudioTrack
-from server.engine_setup import create_engine
-from server.ice import IceConfig
-from server.model_source import ModelSource
-from server.workers.pool import MediaWorkers
+from server.audio.inbound import InboundAudio
+from server.engine.setup import create_engine
+from server.media.audio_out import OutboundAudioTrack
+from server.media.ice import IceConfig
+from server.media.workers import MediaWorkers
+from server.model.source import ModelSource
+from server.worker import worker_main
 from signaling.app import SignalingConfig, SignalingService
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +44,7 @@ async def start_front(max_calls: int, worker_count: int) -> Front:
     engine = create_engine(ModelSource("echo"), max_calls=max_calls, echo_delay_frames=1)
     await engine.start()
     config = SignalingConfig(media_timeout_s=5.0)
-    workers = MediaWorkers(engine, worker_count, config, host_addresses=["127.0.0.1"], log_level="WARNING")
+    workers = MediaWorkers(engine, worker_count, config, worker_main, host_addresses=["127.0.0.1"], log_level="WARNING")
     await workers.start()
     runner = web.AppRunner(SignalingService(engine, config, workers=workers).app())
     await runner.setup()

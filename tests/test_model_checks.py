@@ -9,11 +9,11 @@ import re
 import pytest
 import torch
 
-from server.engine_setup import create_engine
-from server.model_check import ModelMismatch
-from server.model_source import ModelSource, load_model
-from server.moshi_step import MoshiStepper
-from server.tiny_model import build_tiny_model, write_tiny_checkpoint
+from server.engine.setup import create_engine
+from server.model.check import ModelMismatch
+from server.model.moshi_step import MoshiStepper
+from server.model.source import ModelSource, load_model
+from server.model.tiny_model import build_tiny_model, write_tiny_checkpoint
 
 
 def _tiny_loaded():
@@ -96,7 +96,7 @@ async def test_a_refused_model_fails_engine_start_with_the_message(tmp_path):
 def test_the_real_moshiko_config_passes_the_key_check():
     from moshi.models.loaders import _lm_kwargs
 
-    from server.model_check import check_config_keys
+    from server.model.check import check_config_keys
 
     check_config_keys(dict(_lm_kwargs))  # the stock 7B config: every key is known
     check_config_keys(build_tiny_model().lm_config)

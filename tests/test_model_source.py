@@ -6,9 +6,9 @@ import moshi.models.loaders as loaders
 import pytest
 import torch
 
-from server.model_source import ModelSource, load_model
-from server.moshi_step import MoshiStepper, SamplingConfig
-from server.tiny_model import write_tiny_checkpoint
+from server.model.moshi_step import MoshiStepper, SamplingConfig
+from server.model.source import ModelSource, load_model
+from server.model.tiny_model import write_tiny_checkpoint
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_call_e2e import tone
 
 from server.caller import CallRefused, place_call, write_wav
-from server.engine_setup import create_engine
-from server.model_source import ModelSource
+from server.engine.setup import create_engine
+from server.model.source import ModelSource
 from signaling.app import SignalingConfig
 from signaling.guards import OfferRateLimit
 

@@ -9,7 +9,7 @@ import av
 import numpy as np
 import pytest
 
-from server.opus_codec import OpusDecoder, OpusError, libopus_version
+from server.media.opus_codec import OpusDecoder, OpusError, libopus_version
 
 RATE = 48000
 
@@ -99,7 +99,7 @@ def test_garbage_is_refused_and_the_decoder_goes_on(payload):
         OpusDecoder(44100)
 
 
-# -- the sender side (server.aiortc_compat): what aiortc's sender runs per 20 ms frame ------------------
+# -- the sender side (server.media.aiortc_compat): what aiortc's sender runs per 20 ms frame ------------------
 
 
 def s16_frame(pcm: np.ndarray, layout: str, rate: int = 24000) -> av.AudioFrame:
@@ -109,7 +109,7 @@ def s16_frame(pcm: np.ndarray, layout: str, rate: int = 24000) -> av.AudioFrame:
 
 
 def test_the_native_audio_level_is_aiortcs_to_the_bit():
-    from server.aiortc_compat import _AIORTC_AUDIO_LEVEL, audio_level_dbov
+    from server.media.aiortc_compat import _AIORTC_AUDIO_LEVEL, audio_level_dbov
 
     rng = np.random.default_rng(3)
     cases = [np.zeros(960, np.int16), np.full(960, 32767, np.int16), np.full(960, -32768, np.int16),
@@ -125,7 +125,7 @@ def test_the_native_audio_level_is_aiortcs_to_the_bit():
 @pytest.mark.parametrize("fmt", ["s16", "s16p", "flt", "fltp"])
 @pytest.mark.parametrize("layout", ["mono", "stereo"])
 def test_the_senders_downmix_averages_channels_exactly(fmt, layout):
-    from server.aiortc_compat import _mono_float
+    from server.media.aiortc_compat import _mono_float
 
     rng = np.random.default_rng(5)
     channels = 2 if layout == "stereo" else 1
@@ -143,7 +143,7 @@ def test_the_senders_downmix_averages_channels_exactly(fmt, layout):
 def test_the_sender_encodes_on_the_loop_with_aiortcs_contract():
     import asyncio
 
-    from server.aiortc_compat import OpusSenderEncoder, _InlineEncodeLoop
+    from server.media.aiortc_compat import OpusSenderEncoder, _InlineEncodeLoop
 
     async def main():
         loop = _InlineEncodeLoop(asyncio.get_running_loop())

@@ -1,6 +1,6 @@
 """The answer's Opus line asks for in-band FEC, whatever else it says."""
 
-from server.opus_sdp import with_opus_fec
+from server.media.opus_sdp import with_opus_fec
 
 ANSWER = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\na=ssrc:1 cname:x\r\n"
 

@@ -16,12 +16,12 @@ import torch
 from conftest import audio_of, noise_frames, run_call, spy, texts_of
 from moshi.models.compression import MimiModel
 
-from server.engine_setup import create_engine
-from server.model_source import ModelSource
-from server.moshi_step import GREEDY
-from server.persona import Persona, PersonaError, PersonaLimits
-from server.persona_gen import PersonaGen
-from server.persona_step import PersonaStepper, VoiceOptions, synthetic_voices
+from server.engine.setup import create_engine
+from server.model.moshi_step import GREEDY
+from server.model.persona import Persona, PersonaError, PersonaLimits
+from server.model.persona_gen import PersonaGen
+from server.model.persona_step import PersonaStepper, VoiceOptions, synthetic_voices
+from server.model.source import ModelSource
 
 
 @pytest.fixture
@@ -200,9 +200,9 @@ async def test_a_model_that_takes_no_persona_refuses_voices():
 async def test_a_precomputed_voice_replays_exactly_like_its_clip(tmp_path, persona_engine):
     """PersonaPlex ships voices as `.pt` files (per-step embeddings and the final token cache). One made
     from a clip must give the very same conversation as the clip itself."""
-    from server.persona import save_precomputed_voice
+    from server.model.persona import save_precomputed_voice
 
-    recorded = await persona_engine._run_op(lambda: persona_engine.stepper.record_voice("test-low"))
+    recorded = await persona_engine.run_op(lambda: persona_engine.stepper.record_voice("test-low"))
     voice_steps = len(persona_engine.prompt_book.voices["test-low"].codes)
     assert recorded.embeddings.shape == (voice_steps - 1, 1, 64) and recorded.cache.shape == (9, 4)
     save_precomputed_voice(recorded, tmp_path / "low-pre.pt")
@@ -227,12 +227,12 @@ async def test_a_precomputed_voice_replays_exactly_like_its_clip(tmp_path, perso
 
 
 def test_a_precomputed_voice_for_another_model_is_refused(tmp_path):
-    from server.persona import PrecomputedVoice, save_precomputed_voice
+    from server.model.persona import PrecomputedVoice, save_precomputed_voice
 
     save_precomputed_voice(PrecomputedVoice(torch.zeros(5, 1, 4096), torch.zeros(17, 4, dtype=torch.long)),
                            tmp_path / "NATF0.pt")
     stepper_options = VoiceOptions(folder=tmp_path)
-    from server.engine_setup import build_stepper
+    from server.engine.setup import build_stepper
 
     with pytest.raises(ValueError, match=r"NATF0.pt was made for another model: embeddings of width 4096"):
         build_stepper(ModelSource("tiny-persona"), 1, voices=stepper_options)
@@ -242,8 +242,8 @@ def test_a_personaplex_config_without_architecture_loads_as_moshi_7b_with_dep_q_
     """PersonaPlex's config.json may hold only its type; its loader uses moshi's 7B config with dep_q=16."""
     from moshi.models import loaders
 
-    from server.model_check import ModelLayout, check_layout
-    from server.model_source import complete_personaplex_config
+    from server.model.check import ModelLayout, check_layout
+    from server.model.source import complete_personaplex_config
 
     raw = {"model_type": "personaplex", "version": "7b-v1"}
     info = loaders.CheckpointInfo("w", "m", "t", {"version": "7b-v1"}, raw, None, "personaplex", None)
@@ -266,7 +266,7 @@ def test_a_voices_archive_is_unpacked_once_with_regular_files_only(tmp_path):
     import tarfile
 
     from server.caller import write_wav
-    from server.voices import voices_folder
+    from server.model.voices import voices_folder
 
     write_wav(tmp_path / "NATF0.wav", synthetic_voices()["test-low"], 24000)
     archive = tmp_path / "voices.tgz"
@@ -293,7 +293,7 @@ def test_a_voices_archive_is_unpacked_once_with_regular_files_only(tmp_path):
 
 
 async def test_a_persona_checkpoint_directory_loads_through_the_same_path_as_moshiko(tmp_path):
-    from server.tiny_model import write_tiny_checkpoint
+    from server.model.tiny_model import write_tiny_checkpoint
 
     directory = write_tiny_checkpoint(tmp_path / "persona-ckpt", persona=True)
     engine = create_engine(ModelSource(str(directory)), max_calls=1, sampling=GREEDY)

@@ -10,9 +10,9 @@ from test_call_e2e import tone
 from test_whip import SDP, WhipClient
 
 from server.caller import CallRefused, place_call
-from server.engine_setup import create_engine
-from server.model_source import ModelSource
-from server.moshi_step import GREEDY
+from server.engine.setup import create_engine
+from server.model.moshi_step import GREEDY
+from server.model.source import ModelSource
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import noise_frames, tone_frames
 
-from server.model_check import check_layout, read_layout
-from server.model_source import ModelSource
-from server.random_model import RANDOM_MOSHIKO, RANDOM_PERSONAPLEX, build_random_model
+from server.model.check import check_layout, read_layout
+from server.model.random_model import RANDOM_MOSHIKO, RANDOM_PERSONAPLEX, build_random_model
+from server.model.source import ModelSource
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def test_its_mimi_codes_depend_on_the_input(moshiko):
 def test_random_personaplex_is_moshi_7b_with_dep_q_16():
     from moshi.models import loaders
 
-    from server.random_model import random_lm_overrides
+    from server.model.random_model import random_lm_overrides
 
     lm = loaders.get_moshi_lm(None, device="meta", lm_kwargs_overrides=random_lm_overrides(persona=True))
     assert (lm.dim, len(lm.transformer.layers), lm.n_q, lm.dep_q, lm.card) == (4096, 32, 16, 16, 2048)

@@ -22,13 +22,13 @@ from net_relay import UdpRelay, lose
 from test_call_e2e import speechlike, tone
 
 import signaling.app
-from server import aiortc_compat, audio_receive
 from server.caller import place_call
 from server.engine import Call
-from server.engine_setup import create_engine
-from server.jitter_buffer import JitterBuffer
-from server.model_source import ModelSource
-from server.peer import CallSession
+from server.engine.setup import create_engine
+from server.media import aiortc_compat, audio_receive
+from server.media.jitter_buffer import JitterBuffer
+from server.media.peer import CallSession
+from server.model.source import ModelSource
 
 WINDOW = 480  # 20 ms at 24 kHz
 END_CONCEALMENT = 5  # the caller stops sending at the end: 100 ms are concealed before the stream pauses

@@ -14,10 +14,10 @@ import torch
 from conftest import noise_frames, run_call, spy
 from moshi.models.compression import MimiModel
 
-from server.engine_setup import create_engine
-from server.model_source import ModelSource
-from server.moshi_step import GREEDY
-from server.tiny_model import build_tiny_model
+from server.engine.setup import create_engine
+from server.model.moshi_step import GREEDY
+from server.model.source import ModelSource
+from server.model.tiny_model import build_tiny_model
 
 
 @pytest.fixture
@@ -87,8 +87,8 @@ def test_a_stepper_that_cannot_start_streaming_hands_the_model_back(monkeypatch)
     failed batch size: the next stepper on the same model (a smaller batch) works."""
     from moshi.models.lm import LMGen
 
-    from server.model_source import load_model
-    from server.moshi_step import MoshiStepper
+    from server.model.moshi_step import MoshiStepper
+    from server.model.source import load_model
 
     model = load_model(ModelSource("tiny"), torch.device("cpu"), torch.float32)
 

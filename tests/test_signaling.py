@@ -16,8 +16,8 @@ from conftest import connect, start_server, stop_server
 from test_call_e2e import dbfs, speechlike, tone
 
 from server.caller import CallRefused, place_call
-from server.engine_setup import create_engine
-from server.model_source import ModelSource
+from server.engine.setup import create_engine
+from server.model.source import ModelSource
 
 
 async def make_offer(audio: bool = True, data: bool = True) -> tuple[RTCPeerConnection, str]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from conftest import start_server, stop_server
 
-from server.engine_setup import create_engine
-from server.model_source import ModelSource
+from server.engine.setup import create_engine
+from server.model.source import ModelSource
 from signaling.app import SignalingConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from conftest import noise_frames, run_call, tone_frames
 
-from server.engine_setup import create_engine
-from server.model_source import ModelSource, load_model
-from server.moshi_step import GREEDY
-from server.tiny_model import TINY_FILES, build_tiny_model, write_tiny_checkpoint
+from server.engine.setup import create_engine
+from server.model.moshi_step import GREEDY
+from server.model.source import ModelSource, load_model
+from server.model.tiny_model import TINY_FILES, build_tiny_model, write_tiny_checkpoint
 
 
 def test_codebooks_are_not_degenerate():

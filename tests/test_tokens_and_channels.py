@@ -17,11 +17,11 @@ from conftest import noise_frames, run_call, spy
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMGen
 
-from server.engine_setup import create_engine
-from server.model_source import ModelSource
-from server.moshi_step import GREEDY
-from server.tiny_model import build_tiny_model
-from server.tokens import TextPieces, TokenRangeError, route_step
+from server.engine.setup import create_engine
+from server.model.moshi_step import GREEDY
+from server.model.source import ModelSource
+from server.model.tiny_model import build_tiny_model
+from server.model.tokens import TextPieces, TokenRangeError, route_step
 
 
 @pytest.fixture

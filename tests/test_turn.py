@@ -19,10 +19,10 @@ from conftest import TURNSERVER, Coturn, start_server, stop_server
 from test_call_e2e import dbfs, tone
 
 from server.caller import CallFailed, place_call
-from server.engine_setup import create_engine
-from server.ice import IceConfig, IceServer
-from server.model_source import ModelSource
-from server.turn import turn_rest_credentials
+from server.engine.setup import create_engine
+from server.media.ice import IceConfig, IceServer
+from server.media.turn import turn_rest_credentials
+from server.model.source import ModelSource
 from signaling.app import SignalingConfig
 
 pytestmark = pytest.mark.skipif(TURNSERVER is None, reason="Debian's coturn is not installed (./run test installs it)")

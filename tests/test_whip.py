@@ -13,10 +13,10 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from conftest import start_server, stop_server
 from test_call_e2e import dbfs, tone
 
-from server.audio_out import OutboundAudioTrack
-from server.engine_setup import create_engine
-from server.ice import IceConfig, IceServer
-from server.model_source import ModelSource
+from server.engine.setup import create_engine
+from server.media.audio_out import OutboundAudioTrack
+from server.media.ice import IceConfig, IceServer
+from server.model.source import ModelSource
 from signaling.app import SignalingConfig
 
 SDP = "application/sdp"

@@ -85,6 +85,9 @@ function onEvent(event) {
       ui.transcript.textContent += event.text;
       ui.transcript.scrollTop = ui.transcript.scrollHeight;
       break;
+    case "drops":
+      say(`The model is behind: ${event.output_ms} ms of its audio skipped so far to keep the delay short.`);
+      break;
     case "error":
       say(`Error: ${event.reason}`, true);
       break;

@@ -37,7 +37,7 @@ from moshi.models.lm import LMModel
 from moshi.modules.streaming import State, StreamingModule
 from moshi.utils.compile import CUDAGraphed
 
-from . import sampling
+from . import moshi_compat, sampling
 
 UNGENERATED = -2
 
@@ -115,7 +115,7 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
             lm.device,
             cache=torch.full(shape, UNGENERATED, device=lm.device, dtype=torch.long),
             provided=torch.zeros(shape, device=lm.device, dtype=torch.bool),
-            initial=lm._get_initial_token(),
+            initial=moshi_compat.initial_token(lm),
             offsets=torch.zeros(batch_size, device=lm.device, dtype=torch.long),
             offsets_host=np.zeros(batch_size, dtype=np.int64),
             graphed_backbone=CUDAGraphed(self._backbone, disable=not on_cuda),

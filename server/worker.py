@@ -22,10 +22,6 @@ import sys
 EXIT_ENGINE_LOST = 1
 
 
-def session_prefix(index: int) -> str:
-    return f"w{index}."
-
-
 def worker_main(index: int, engine_path: str, config, host_addresses: list[str] | None, log_level: str) -> None:
     """Process entry (spawned): serve until told to stop or the engine goes."""
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s worker{index} %(name)s: %(message)s")
@@ -37,8 +33,9 @@ async def _serve(index: int, engine_path: str, config, host_addresses: list[str]
 
     from signaling.app import SignalingService
 
-    from ..ice import use_host_addresses
-    from .remote_engine import RemoteEngine
+    from .engine.remote import RemoteEngine
+    from .media.ice import use_host_addresses
+    from .media.workers import session_prefix
 
     use_host_addresses(host_addresses)
     config = dataclasses.replace(config, session_id_prefix=session_prefix(index), api_token=None, cors_origins=(),

@@ -5,12 +5,12 @@ A source is one of:
   revision), with the same per-file overrides `python -m moshi.server` takes
   (Moshi weights, Mimi weights, tokenizer, config.json, LoRA weights);
 - a local checkpoint directory (config.json naming its files, as in a repo);
-- `tiny`: the built-in random test model (see `server.tiny_model`);
+- `tiny`: the built-in random test model (see `server.model.tiny_model`);
 - `tiny-persona`: the same, in PersonaPlex's layout (the depth transformer
   also predicts the caller's codebooks);
-- `echo`: no model at all; the engine hands audio back (see `server.echo_step`);
+- `echo`: no model at all; the engine hands audio back (see `server.model.echo_step`);
 - `random-moshiko`, `random-personaplex`: the real-size architectures with
-  random weights, for a GPU host without weights (see `server.random_model`).
+  random weights, for a GPU host without weights (see `server.model.random_model`).
 
 Repo ids and directories both become a `moshi.models.loaders.CheckpointInfo`
 and go through the same `load_checkpoint`, so a tiny checkpoint written to
@@ -30,7 +30,8 @@ from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 
-from .model_check import check_config_keys
+from . import moshi_compat
+from .check import check_config_keys
 from .tiny_model import (
     TINY_DEFAULT_SEED,
     TINY_MODEL_NAME,
@@ -42,7 +43,7 @@ from .tiny_model import (
 log = logging.getLogger(__name__)
 
 TINY = "tiny"
-RANDOM_MODELS = ("random-moshiko", "random-personaplex")  # server.random_model builds them
+RANDOM_MODELS = ("random-moshiko", "random-personaplex")  # server.model.random_model builds them
 TINY_PERSONA = "tiny-persona"
 ECHO = "echo"
 PERSONAPLEX_MODEL_TYPE = "personaplex"
@@ -169,7 +170,7 @@ def complete_personaplex_config(info: loaders.CheckpointInfo) -> None:
     ignored = sorted(set(info.lm_config or {}))
     log.info("PersonaPlex checkpoint without an architecture in config.json: moshi's 7B with dep_q=16%s",
              f" (ignoring {', '.join(ignored)})" if ignored else "")
-    info.lm_config = {**loaders._lm_kwargs, "dep_q": 16}
+    info.lm_config = {**moshi_compat.moshi_7b_lm_kwargs(), "dep_q": 16}
     info.model_type = "moshi"  # conditioning and sampling as Moshi's
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from moshi.models import loaders
 
-from .model_source import RANDOM_MODELS, LoadedModel
+from .source import RANDOM_MODELS, LoadedModel
 from .tiny_model import fit_codebooks, he_init_convolutions, level_decoder_output
 
 RANDOM_MOSHIKO, RANDOM_PERSONAPLEX = RANDOM_MODELS

@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio_in import read_audio_file
-from .model_check import ModelLayout, ModelMismatch, check_layout, read_layout
-from .model_source import LoadedModel
+from ..audio.inbound import read_audio_file
+from .check import ModelLayout, ModelMismatch, check_layout, read_layout
 from .moshi_step import MoshiStepper, SamplingConfig
 from .persona import (
     PERSONAPLEX_SILENCE_CODES,
@@ -42,6 +41,7 @@ from .persona import (
     voice_files,
 )
 from .persona_gen import UNGENERATED, PersonaGen
+from .source import LoadedModel
 from .stepper import SlotOutput
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ def check_version() -> None:
     if not aiortc.__version__.startswith(PINNED_AIORTC):
         raise AiortcChanged(
             f"moshi-webrtc's receive path is written against aiortc {PINNED_AIORTC}x, found {aiortc.__version__}: "
-            "check server/aiortc_compat.py against the new version, then update the pin in pyproject.toml"
+            "check server/media/aiortc_compat.py against the new version, then update the pin in pyproject.toml"
         )
 
 
@@ -93,7 +93,7 @@ def nominated_candidate_types(pc: RTCPeerConnection) -> set[str] | None:
 
 
 class OpusSenderEncoder(Encoder):
-    """aiortc's encoder interface around our libopus encoder (server.opus_codec.OpusEncoder): mono, FEC
+    """aiortc's encoder interface around our libopus encoder (server.media.opus_codec.OpusEncoder): mono, FEC
     with an expected loss that the owner updates (`set_expected_loss`), one packet per 20 ms frame.
     `use_opus_encoder` has aiortc call `encode` on the event loop (aiortc alone would use an executor
     thread; the loss is a plain int either way)."""

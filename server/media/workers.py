@@ -4,6 +4,8 @@ The front process owns the engine (and its inference thread) and the public
 HTTP port; each worker is a spawned process (no torch imported there) that
 connects back to the engine host. A worker that exits for any reason is
 replaced, and the engine host has already freed the slots its calls held.
+The process's main (`server.worker.worker_main`) is given by the caller: it runs
+the signaling service, which sits above this package.
 """
 
 from __future__ import annotations
@@ -15,13 +17,21 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..engine import Engine
-from .engine_host import EngineHost, WorkerLink
-from .worker import session_prefix, worker_main
+from ..engine.host import EngineHost, WorkerLink
 
 log = logging.getLogger(__name__)
+
+# A worker process's main: (index, engine socket path, signaling config, host addresses, log level).
+WorkerMain = Callable[[int, str, object, "list[str] | None", str], None]
+
+
+def session_prefix(index: int) -> str:
+    """What the session ids of worker `index`'s calls start with, so the front routes by id alone."""
+    return f"w{index}."
 
 
 def default_worker_count(max_calls: int, cores: int | None = None) -> int:
@@ -40,9 +50,10 @@ class WorkerProcess:
 
 
 class MediaWorkers:
-    def __init__(self, engine: Engine, count: int, config, host_addresses: list[str] | None = None,
-                 log_level: str = "INFO", start_timeout_s: float = 60.0):
-        self.engine, self.count, self.config = engine, count, config
+    def __init__(self, engine: Engine, count: int, config, worker_main: WorkerMain,
+                 host_addresses: list[str] | None = None, log_level: str = "INFO", start_timeout_s: float = 60.0):
+        """`worker_main`: each spawned process's entry, importable by name (spawn pickles it by reference)."""
+        self.engine, self.count, self.config, self.worker_main = engine, count, config, worker_main
         self.host_addresses, self.log_level, self.start_timeout_s = host_addresses, log_level, start_timeout_s
         self._dir = tempfile.mkdtemp(prefix="moshi-webrtc-")
         self.host = EngineHost(engine, os.path.join(self._dir, "engine.sock"))
@@ -86,7 +97,7 @@ class MediaWorkers:
 
     def _spawn(self, index: int) -> None:
         process = self._context.Process(
-            target=worker_main, name=f"moshi-media-{index}", daemon=True,
+            target=self.worker_main, name=f"moshi-media-{index}", daemon=True,
             args=(index, self.host.path, self.config, self.host_addresses, self.log_level))
         process.start()
         self.workers[index] = WorkerProcess(index, process)

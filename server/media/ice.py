@@ -1,7 +1,7 @@
 """ICE configuration shared by the server's peers and the clients it hands config to.
 
 Static STUN/TURN servers are used as given. TURN URLs with a shared secret get
-fresh TURN REST credentials for every peer (see `server.turn`). `relay_only`
+fresh TURN REST credentials for every peer (see `server.media.turn`). `relay_only`
 makes the server's own peer offer relay candidates only (aiortc's
 `iceTransportPolicy="relay"`), for deployments where media must go through TURN.
 

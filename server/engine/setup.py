@@ -12,13 +12,13 @@ import logging
 
 import torch
 
-from .echo_step import EchoStepper
+from ..model.check import default_device, default_dtype, read_layout
+from ..model.echo_step import EchoStepper
+from ..model.moshi_step import MoshiStepper, SamplingConfig
+from ..model.persona_step import PersonaStepper, VoiceOptions, synthetic_voices
+from ..model.source import ModelSource, load_model
+from ..model.stepper import Stepper
 from .engine import Engine
-from .model_check import default_device, default_dtype, read_layout
-from .model_source import ModelSource, load_model
-from .moshi_step import MoshiStepper, SamplingConfig
-from .persona_step import PersonaStepper, VoiceOptions, synthetic_voices
-from .stepper import Stepper
 
 log = logging.getLogger(__name__)
 

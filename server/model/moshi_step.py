@@ -9,11 +9,11 @@ for the life of the process (`streaming_forever`). Per step:
    that slot's encoder state is reset, as moshi's own server does.
 3. The caller's codebooks are checked against the audio card, then LMGen
    steps the slots that have a frame past their first.
-4. The output is routed by `server.tokens`: channel 0 is text, channels
+4. The output is routed by `server.model.tokens`: channel 0 is text, channels
    1..model_codebooks are the model's audio; rows not generated yet are skipped.
 5. The same Mimi decodes the audio codebooks of the rows that have them.
 
-`PersonaStepper` (server.persona_step) keeps this step and swaps the
+`PersonaStepper` (server.model.persona_step) keeps this step and swaps the
 generator for PersonaPlex-style checkpoints and their prompts.
 
 Everything here runs on the engine's inference thread.
@@ -32,8 +32,8 @@ from moshi.modules.streaming import StreamingModule
 from moshi.run_inference import get_condition_tensors
 
 from . import sampling
-from .model_check import ModelMismatch, check_layout, read_layout
-from .model_source import LoadedModel
+from .check import ModelMismatch, check_layout, read_layout
+from .source import LoadedModel
 from .stepper import ModelInfo, NoPrompts, SlotOutput
 from .tokens import TextPieces, check_codes, route_step
 

@@ -23,22 +23,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engine import (
-    CallClosed,
-    CallStats,
-    EngineFull,
-    EngineNotReady,
-    EngineStats,
-    FrameDropped,
-    FrameResult,
-    check_frame,
-    no_persona_error,
-    rms,
-)
-from ..persona import Persona, PersonaError
-from ..stepper import ModelInfo
+from ..model.persona import Persona, PersonaError
+from ..model.stepper import ModelInfo
 from . import wire
 from .channel import MessageChannel
+from .errors import CallClosed, EngineFull, EngineNotReady, FrameDropped, no_persona_error
+from .frames import CallStats, FrameResult, check_frame, rms
+from .inference import EngineStats
 
 log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 10.0

@@ -1,6 +1,6 @@
 """One call's inbound audio, from RTP packets to engine frames: our own receive path.
 
-    RTP packet (from aiortc, see server.aiortc_compat) --> JitterBuffer (when each 20 ms slot is due)
+    RTP packet (from aiortc, see server.media.aiortc_compat) --> JitterBuffer (when each 20 ms slot is due)
         --> libopus (decode, in-band FEC, concealment, at 24 kHz mono) --> InboundAudio (1920-sample frames)
         --> on_frame(samples)
 
@@ -8,7 +8,7 @@ aiortc's own audio receive path waits on a missing packet until a fixed
 buffer fills and then stays that deep, throws away what it had buffered,
 and never conceals: one lost packet added 200 ms to the rest of a call and
 5% loss silenced 23% of a caller's audio (issue #13). This path decides
-each slot on time (server.jitter_buffer), restores a lost packet from the
+each slot on time (server.media.jitter_buffer), restores a lost packet from the
 next one's FEC or conceals it, and keeps media time exact: every 20 ms of
 the caller's RTP time becomes exactly 20 ms of samples, so the engine's
 frames never shift.
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .audio_in import InboundAudio
+from ..audio.inbound import InboundAudio
 from .jitter_buffer import Conceal, JitterBuffer, Play, Recover, Silence, Slot
 from .opus_codec import OpusDecoder, OpusError
 

@@ -20,10 +20,13 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..engine import Call, Engine, EngineFull, EngineNotReady, FrameDropped, FrameResult
-from ..persona import Persona, PersonaError
+from ..model.persona import Persona, PersonaError
 from . import wire
+from .call import Call
 from .channel import MessageChannel
+from .engine import Engine
+from .errors import EngineFull, EngineNotReady, FrameDropped
+from .frames import FrameResult
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@
         frames at 24 kHz) --> engine Call.submit ... results in order --> OutboundAudioTrack (20 ms, paced)
         --> caller;  text pieces --> "events" data channel --> caller
 
-aiortc's own audio jitter buffer and decoder are bypassed (server.aiortc_compat):
-each RTP packet goes to our receive path (server.audio_receive), which submits
+aiortc's own audio jitter buffer and decoder are bypassed (server.media.aiortc_compat):
+each RTP packet goes to our receive path (server.media.audio_receive), which submits
 whole frames to the engine; a task plays the results in order. The inbound
 track only tells when the caller's audio ends. When the model falls behind, the
 engine drops the oldest waiting frames and the outbound track the oldest
@@ -24,20 +24,19 @@ output_ms), `error` (reason), `bye` (reason).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from aiortc import RTCDataChannel, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc import RTCDataChannel, RTCIceCandidate, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from . import aiortc_compat
+from ..engine import Call, CallStats, Engine, FrameDropped
+from . import aiortc_compat, events
 from .audio_out import OutboundAudioTrack
 from .audio_receive import AudioReceiver
-from .engine import Call, CallStats, Engine, FrameDropped
 from .ice import IceConfig
 from .opus_sdp import with_opus_fec
 
@@ -109,16 +108,15 @@ class CallSession:
         self.receiver = AudioReceiver(self._on_inbound_frame, sample_rate=engine.sample_rate,
                                       frame_size=engine.frame_size)
         self.encoder = aiortc_compat.OpusSenderEncoder()  # in-band FEC as the caller's reports ask for
-        self.events: RTCDataChannel | None = None
+        self.events: RTCDataChannel | None = None  # the caller's `events` channel, once open
         self.stats = PeerStats(call.stats)
         self.started_at = time.monotonic()
         self.end_reason: str | None = None
         self.end_kind: str | None = None
         self.ended = asyncio.Event()
         self._on_end = on_end
+        self._tasks: set[asyncio.Task] = set()  # every task this call starts; hang-up cancels them all
         self._reader: asyncio.Task | None = None
-        self._player: asyncio.Task | None = None
-        self._loss_follower: asyncio.Task | None = None
         self._results: asyncio.Queue[asyncio.Future] = asyncio.Queue()
         self._drops_reported = (0, 0)
         self._drops_reported_at = 0.0
@@ -130,10 +128,18 @@ class CallSession:
         self._counted = False
         self._duration_timer: asyncio.TimerHandle | None = None
         self._no_track_timer: asyncio.TimerHandle | None = None
-        self._prompt_watch = asyncio.ensure_future(self._announce_prompt()) if call.prompt is not None else None
+        if call.prompt is not None:
+            self._spawn(self._announce_prompt())
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        """Start a task owned by this call: kept referenced while it runs, cancelled on hang-up."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -145,7 +151,7 @@ class CallSession:
         if self.max_duration_s is not None:
             self._duration_timer = asyncio.get_running_loop().call_later(
                 self.max_duration_s,
-                lambda: asyncio.ensure_future(self.hang_up(
+                lambda: self._spawn(self.hang_up(
                     f"the call reached its maximum length of {self.max_duration_s:g} s", kind="max_duration")),
             )
 
@@ -174,15 +180,15 @@ class CallSession:
     def _no_track(self) -> None:
         if self._reader is None and not self._ending:
             reason = f"no audio track from the caller within {self.media_timeout:g} s"
-            self.send_event({"type": "error", "reason": reason})
-            asyncio.ensure_future(self.hang_up(reason, kind="no_media"))
+            self.send_event(events.Error(reason))
+            self._spawn(self.hang_up(reason, kind="no_media"))
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind != "audio" or self._reader is not None:
             return
-        self._reader = asyncio.ensure_future(self._watch_audio(track))
-        self._player = asyncio.ensure_future(self._play_results())
-        self._loss_follower = asyncio.ensure_future(self._follow_reported_loss())
+        self._reader = self._spawn(self._watch_audio(track))
+        self._spawn(self._play_results())
+        self._spawn(self._follow_reported_loss())
 
     def _on_datachannel(self, channel: RTCDataChannel) -> None:
         if channel.label != EVENTS_LABEL:
@@ -190,9 +196,9 @@ class CallSession:
         self.events = channel
         info = self.engine.info
         prompt = self.call.prompt
-        self.send_event({"type": "ready", "model": info.name, "test_model": info.is_test_model,
-                         "notice": info.notice, "session_id": self.session_id, "prompting": self.call.prompting,
-                         "persona": prompt.description if prompt is not None else None})
+        self.send_event(events.Ready(model=info.name, test_model=info.is_test_model, notice=info.notice,
+                                     session_id=self.session_id, prompting=self.call.prompting,
+                                     persona=prompt.description if prompt is not None else None))
 
     async def _announce_prompt(self) -> None:
         """Tell the caller when the model has heard its persona prompt and starts listening."""
@@ -200,7 +206,7 @@ class CallSession:
             seconds = await self.call.prompt_done
         except Exception:  # noqa: BLE001 - the failure reaches the caller through the frames' results
             return
-        self.send_event({"type": "prompt", "state": "done", "seconds": round(seconds, 3)})
+        self.send_event(events.PromptDone(seconds=round(seconds, 3)))
 
     async def _on_connection_state(self) -> None:
         state = self.pc.connectionState
@@ -233,7 +239,7 @@ class CallSession:
                 silent_for = loop.time() - (self.receiver.last_packet_at or watching_since)
                 if silent_for >= self.media_timeout:
                     reason, kind = f"no audio from the caller for {self.media_timeout:g} s", "no_media"
-                    self.send_event({"type": "error", "reason": reason})
+                    self.send_event(events.Error(reason))
                     break
                 try:
                     await asyncio.wait_for(track.recv(), self.media_timeout - silent_for)
@@ -245,7 +251,7 @@ class CallSession:
         except asyncio.CancelledError:
             return
         if not self._ending:
-            asyncio.ensure_future(self.hang_up(reason, kind=kind))
+            self._spawn(self.hang_up(reason, kind=kind))
 
     async def _follow_reported_loss(self) -> None:
         """Set our encoder's expected loss from the caller's RTCP receiver reports, once a second."""
@@ -270,8 +276,8 @@ class CallSession:
         except Exception as exc:  # the engine refused this call's frames
             reason = f"engine error: {exc}"
             log.error("session %s: %s", self.session_id, reason)
-            self.send_event({"type": "error", "reason": reason})
-            asyncio.ensure_future(self.hang_up(reason, kind="engine_error"))
+            self.send_event(events.Error(reason))
+            self._spawn(self.hang_up(reason, kind="engine_error"))
 
     async def _play_results(self) -> None:
         """Take the engine's results in order: audio to the outbound track, text to `events`."""
@@ -288,16 +294,16 @@ class CallSession:
                 if not result.silent and self.stats.first_model_audio_at is None:
                     self.stats.first_model_audio_at = time.monotonic()
                 if result.text is not None:
-                    self.send_event({"type": "text", "text": result.text})
+                    self.send_event(events.Text(result.text))
                 self._report_drops()
         except asyncio.CancelledError:
             return
         except Exception as exc:  # the engine failed this call (an out-of-range token, say)
             reason = f"engine error: {exc}"
             log.error("session %s: %s", self.session_id, reason)
-            self.send_event({"type": "error", "reason": reason})
+            self.send_event(events.Error(reason))
             if not self._ending:
-                asyncio.ensure_future(self.hang_up(reason, kind="engine_error"))
+                self._spawn(self.hang_up(reason, kind="engine_error"))
 
     def _observe(self, result) -> None:
         """The server's share of the mouth-to-ear delay for this frame (see signaling.metrics)."""
@@ -326,12 +332,13 @@ class CallSession:
         output_ms = round(1000 * drops[1] / self.outbound.sample_rate)
         log.warning("session %s: model behind: %d input frames and %d ms of output dropped so far",
                     self.session_id, drops[0], output_ms)
-        self.send_event({"type": "drops", "input_frames": drops[0], "output_ms": output_ms})
+        self.send_event(events.Drops(input_frames=drops[0], output_ms=output_ms))
 
-    def send_event(self, message: dict) -> None:
+    def send_event(self, event: events.Event) -> None:
+        """Send on the `events` channel if it is open (a caller may not have opened one)."""
         channel = self.events
         if channel is not None and channel.readyState == "open":
-            channel.send(json.dumps(message))
+            channel.send(event.to_json())
 
     # -- ending -------------------------------------------------------------------------------
 
@@ -351,9 +358,8 @@ class CallSession:
             if self._no_track_timer is not None:
                 self._no_track_timer.cancel()
             log.info("session %s: ending (%s)", self.session_id, reason)
-            self.send_event({"type": "bye", "reason": reason})
-            tasks = {t for t in (self._reader, self._player, self._prompt_watch, self._loss_follower)
-                     if t is not None and t is not asyncio.current_task()}
+            self.send_event(events.Bye(reason))
+            tasks = {task for task in self._tasks if task is not asyncio.current_task()}
             for task in tasks:
                 task.cancel()
             if tasks:
@@ -368,6 +374,27 @@ class CallSession:
                                          self.receiver.stats.as_dict())
             if self._on_end is not None:
                 self._on_end(self)
+
+    # -- what signaling may ask ---------------------------------------------------------------
+
+    @property
+    def remote_sdp(self) -> str:
+        """The caller's offer as applied (WHIP checks trickled ICE credentials against it)."""
+        description = self.pc.remoteDescription
+        return description.sdp if description is not None else ""
+
+    async def add_remote_candidate(self, candidate: RTCIceCandidate) -> None:
+        """A candidate the caller trickled after its offer (WHIP PATCH)."""
+        await self.pc.addIceCandidate(candidate)
+
+    @property
+    def output_dropped_s(self) -> float:
+        """The model's audio dropped so far to keep the outbound delay bounded."""
+        return self.outbound.samples_dropped / self.outbound.sample_rate
+
+    def receive_figures(self) -> dict:
+        """The receive path's counters (packets lost, late, recovered by FEC, concealed ms, ...)."""
+        return self.receiver.stats.as_dict()
 
     def summary(self) -> dict:
         call = self.call.stats

@@ -49,7 +49,7 @@ class Stepper(Protocol):
 
     def warm_up(self) -> None: ...
 
-    # Persona prompts (see server.persona): models that take none inherit NoPrompts.
+    # Persona prompts (see server.model.persona): models that take none inherit NoPrompts.
     prompt_book: Any
 
     def start_prompt(self, slot: int, plan: Any) -> None: ...

@@ -1,0 +1,47 @@
+"""Every use of moshi's private parts, in one place, pinned to the moshi version it was written for.
+
+Two things moshi 0.2.13 keeps private are needed here: the 7B architecture's
+keyword arguments (PersonaPlex checkpoints name only their type and reuse it)
+and the LM's initial token (our persona generator fills its own cache with it).
+Each is checked where it is read, so an upgrade that moves one fails loudly with
+`MoshiChanged` instead of loading a wrong model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import moshi
+import torch
+from moshi.models import loaders
+from moshi.models.lm import LMModel
+
+PINNED_MOSHI = "0.2.13"
+
+
+class MoshiChanged(RuntimeError):
+    """The installed moshi does not keep something where this module expects it."""
+
+
+def check_version() -> None:
+    if moshi.__version__ != PINNED_MOSHI:
+        raise MoshiChanged(f"moshi-webrtc is written against moshi {PINNED_MOSHI}, found {moshi.__version__}: "
+                           "check server/model/moshi_compat.py against it, then update the pin in pyproject.toml")
+
+
+def moshi_7b_lm_kwargs() -> dict[str, Any]:
+    """A copy of moshi's built-in 7B LM configuration (`loaders._lm_kwargs`)."""
+    check_version()
+    kwargs = getattr(loaders, "_lm_kwargs", None)
+    if not isinstance(kwargs, dict) or "dim" not in kwargs:
+        raise MoshiChanged("moshi.models.loaders._lm_kwargs (the 7B LM configuration) is gone or changed")
+    return dict(kwargs)
+
+
+def initial_token(lm: LMModel) -> torch.Tensor:
+    """The token the LM starts every stream with (`LMModel._get_initial_token`)."""
+    check_version()
+    method = getattr(lm, "_get_initial_token", None)
+    if method is None:
+        raise MoshiChanged("moshi's LMModel._get_initial_token is gone")
+    return method()
