@@ -21,7 +21,7 @@ from typing import Protocol
 
 import aiohttp
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCCertificate, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .audio.inbound import InboundAudio
@@ -119,6 +119,7 @@ async def place_call(
     token: str | None = None,
     sdp: SdpRewrite | None = None,
     fec_loss_percent: int | None = None,
+    certificate: RTCCertificate | None = None,
 ) -> CallRecording:
     """Call `url` (the server's base URL), stream `audio` in real time, record the reply.
 
@@ -132,13 +133,14 @@ async def place_call(
     `sdp`: rewrites the offer before it is sent and the answer before it is applied (an impairment
     relay routes the media through itself this way). `fec_loss_percent`: send with our libopus encoder and
     in-band FEC for this expected loss, as a browser does once it sees loss (aiortc's encoder sends none).
+    `certificate`: the caller's DTLS certificate (default: aiortc's own, ECDSA), e.g. an RSA one.
     """
     if http is None:
         async with aiohttp.ClientSession() as own_http:
             return await place_call(url, audio, rate=rate, tail_s=tail_s, events=events, ice=ice,
                                     relay_only=relay_only, hang_up=hang_up, silence_after=silence_after,
                                     http=own_http, persona=persona, token=token, sdp=sdp,
-                                    fec_loss_percent=fec_loss_percent)
+                                    fec_loss_percent=fec_loss_percent, certificate=certificate)
     recording = CallRecording()
     auth = {"Authorization": f"Bearer {token}"} if token else {}
     if ice is None:
@@ -146,7 +148,10 @@ async def place_call(
             servers = (await response.json())["iceServers"] if response.status == 200 else []
         ice = IceConfig(tuple(IceServer.from_json(server) for server in servers))
     ice = dataclasses.replace(ice, relay_only=relay_only)
+    aiortc_compat.allow_rsa_dtls_peers()  # an answer may make us the DTLS client of a server with an RSA certificate
     pc = RTCPeerConnection(ice.rtc_configuration("caller"))
+    if certificate is not None:
+        aiortc_compat.use_certificate(pc, certificate)
     voice = OutboundAudioTrack(sample_rate=rate, max_buffer_ms=int(1000 * (len(audio) / rate + 60)),
                                end_when_drained=not silence_after)
     voice.push(audio)

@@ -2,10 +2,12 @@
 
 aiortc has no extension point for a receiver's jitter buffer, a sender's
 encoder (and the executor it runs it on, and the audio level it computes per
-frame), the RTT its sender measures, or the ICE pair it nominated. This module reaches for
+frame), the RTT its sender measures, the ICE pair it nominated, the DTLS role
+it takes or the cipher suites its DTLS offers. This module reaches for
 them, checks that they are where aiortc 1.16 keeps them, and raises
 `AiortcChanged` (naming what moved) rather than silently doing nothing
-after an upgrade; `tests/test_audio_receive.py` fails if the tap is bypassed.
+after an upgrade; `tests/test_audio_receive.py` fails if the tap is bypassed,
+`tests/test_dtls_certificates.py` if the DTLS role or the cipher suites are.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -20,8 +23,9 @@ import aiortc
 import aiortc.rtp
 import av
 import numpy as np
-from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc import RTCCertificate, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender, RTCSessionDescription
 from aiortc.codecs.base import Encoder
+from OpenSSL import SSL
 
 from .opus_codec import OpusEncoder
 
@@ -214,3 +218,114 @@ def use_fast_audio_level() -> None:
     if not callable(getattr(aiortc.rtp, "compute_audio_level_dbov", None)):
         raise AiortcChanged(f"aiortc {aiortc.__version__} has no aiortc.rtp.compute_audio_level_dbov")
     aiortc.rtp.compute_audio_level_dbov = audio_level_dbov
+
+
+# -- DTLS: callers with any standard certificate --------------------------------------------------
+#
+# A DTLS cipher suite names the server's certificate type: ECDHE-ECDSA-* needs an ECDSA certificate on
+# the server side, ECDHE-RSA-* an RSA one; the client's certificate can be either under any suite.
+# aiortc 1.16's certificate is ECDSA P-256, and its DTLS context allows ECDHE-ECDSA suites only. So
+# where aiortc is the DTLS client, a peer whose certificate is RSA (GStreamer's webrtcbin: RSA 2048)
+# has no suite it may pick ("no shared cipher"). Two mends, each enough for a caller that offers
+# `a=setup:actpass` (every browser, webrtcbin, libwebrtc and libdatachannel clients):
+#   - `answer_as_dtls_server`: our answer takes the DTLS server role (`a=setup:passive`), as the offer
+#     leaves it to us; our ECDSA certificate then fixes the suite, and the caller's certificate type
+#     does not matter.
+#   - `allow_rsa_dtls_peers`: aiortc's DTLS also offers and accepts the ECDHE-RSA twin of each of its
+#     ECDHE-ECDSA suites, for peers that make us the DTLS client (an offer with `a=setup:passive`),
+#     and for our own caller (server.caller) when an answer makes it the client of an RSA server.
+# The certificate fingerprints in the SDP are checked after the handshake as before (aiortc's
+# `_validate_peer_identity`): neither mend touches that.
+
+_CREATE_SSL_CONTEXT = "_create_ssl_context"
+
+
+def _with_rsa_twins(ciphers: list[str]) -> str:
+    """OpenSSL's cipher string: each ECDHE-ECDSA suite followed by its ECDHE-RSA twin, order kept."""
+    out: list[str] = []
+    for name in ciphers:
+        for suite in (name, name.replace("ECDHE-ECDSA-", "ECDHE-RSA-", 1)):
+            if suite not in out:
+                out.append(suite)
+    return ":".join(out)
+
+
+def allow_rsa_dtls_peers() -> None:
+    """Have every aiortc DTLS context (one per transport, made from our certificate) allow the ECDHE-RSA
+    twin of each ECDHE-ECDSA suite aiortc allows, so a peer with an RSA certificate can be our DTLS
+    server. When we are the server (our certificate is ECDSA), OpenSSL never picks an RSA suite: nothing
+    changes there. Idempotent; installed by every peer connection this project makes."""
+    check_version()
+    create = getattr(RTCCertificate, _CREATE_SSL_CONTEXT, None)
+    if not callable(create):
+        raise AiortcChanged(f"aiortc {aiortc.__version__}'s RTCCertificate has no {_CREATE_SSL_CONTEXT}")
+    if getattr(create, "_allows_rsa_peers", False):
+        return
+
+    ciphers: bytes | None = None  # aiortc's list with the twins: read once, from a context of its own
+
+    def create_allowing_rsa_peers(self, *args, **kwargs) -> SSL.Context:
+        nonlocal ciphers
+        if ciphers is None:  # pyOpenSSL reads a list only through a Connection, after which the context is frozen
+            ciphers = _with_rsa_twins(SSL.Connection(create(self, *args, **kwargs)).get_cipher_list()).encode()
+        context = create(self, *args, **kwargs)
+        context.set_cipher_list(ciphers)
+        return context
+
+    create_allowing_rsa_peers._allows_rsa_peers = True  # type: ignore[attr-defined]
+    create_allowing_rsa_peers._aiortc_original = create  # type: ignore[attr-defined]
+    setattr(RTCCertificate, _CREATE_SSL_CONTEXT, create_allowing_rsa_peers)
+
+
+_SETUP = re.compile(r"^a=setup:([A-Za-z]+)", re.MULTILINE)
+
+
+def dtls_roles(pc: RTCPeerConnection) -> set[str]:
+    """The DTLS roles ("client", "server", or "auto" until negotiated) of a peer connection's transports."""
+    transports = [t.receiver.transport for t in pc.getTransceivers()]
+    if pc.sctp is not None:
+        transports.append(pc.sctp.transport)
+    roles = set()
+    for transport in transports:
+        role = getattr(transport, "_role", None)
+        if role is None:
+            raise AiortcChanged(f"aiortc {aiortc.__version__}'s RTCDtlsTransport has no _role")
+        roles.add(role)
+    return roles
+
+
+async def answer_as_dtls_server(pc: RTCPeerConnection) -> None:
+    """Create and set the local answer to the remote offer (set already), taking the DTLS server role
+    (`a=setup:passive`) where the offer leaves the choice to us (`a=setup:actpass`). aiortc 1.16 would
+    always answer `active`; it takes the role its local answer says, so the answer is amended before it
+    is set. An offer that asks for a role (`active` or `passive`) gets the other one, as before."""
+    check_version()
+    answer = await pc.createAnswer()
+    offered = {setup.lower() for setup in _SETUP.findall(pc.remoteDescription.sdp)}
+    if offered != {"actpass"}:
+        await pc.setLocalDescription(answer)
+        return
+    sdp = _SETUP.sub("a=setup:passive", answer.sdp)
+    await pc.setLocalDescription(RTCSessionDescription(sdp=sdp, type=answer.type))
+    roles = dtls_roles(pc)
+    if roles != {"server"}:
+        raise AiortcChanged(
+            f"aiortc {aiortc.__version__} did not take the DTLS server role from our answer's a=setup:passive "
+            f"(its transports are {sorted(roles)}): see answer_as_dtls_server in server/aiortc_compat.py"
+        )
+
+
+_CERTIFICATES = "_RTCPeerConnection__certificates"
+
+
+def use_certificate(pc: RTCPeerConnection, certificate: RTCCertificate) -> None:
+    """Have `pc` present `certificate` in DTLS (and its fingerprints in SDP) instead of the ECDSA one aiortc
+    generated for it: a caller with an RSA certificate, as GStreamer's is. aiortc takes no certificate in
+    its configuration. Call it right after making `pc`, before any track or channel is added (each
+    transport takes the certificate when it is made)."""
+    check_version()
+    if not isinstance(getattr(pc, _CERTIFICATES, None), list):
+        raise AiortcChanged(f"aiortc {aiortc.__version__}'s RTCPeerConnection has no {_CERTIFICATES}")
+    if pc.getTransceivers() or pc.sctp is not None:
+        raise ValueError("use_certificate must come before the peer connection makes its transports")
+    setattr(pc, _CERTIFICATES, [certificate])

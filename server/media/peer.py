@@ -102,6 +102,7 @@ class CallSession:
         self.call = call
         self.media_timeout = media_timeout
         self.relay_only = ice.relay_only
+        aiortc_compat.allow_rsa_dtls_peers()  # before the peer connection makes its DTLS contexts
         self.pc = RTCPeerConnection(ice.rtc_configuration(session_id))
         self.outbound = OutboundAudioTrack(sample_rate=engine.sample_rate, max_buffer_ms=max_output_buffer_ms,
                                            max_standing_ms=max_standing_ms, align_to_pushes=True)
@@ -165,7 +166,8 @@ class CallSession:
         aiortc_compat.tap_audio_receiver(audio.receiver, self.receiver.on_packet)  # aiortc's decoder sees nothing
         audio.sender.replaceTrack(self.outbound)
         aiortc_compat.use_opus_encoder(audio.sender, self.encoder)
-        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        # The DTLS server role where the caller leaves it to us: then any certificate the caller has works.
+        await aiortc_compat.answer_as_dtls_server(self.pc)
         self.stats.answered_at = time.monotonic()
         if self._reader is None:  # no audio track came with the offer: nothing will ever start the reader
             self._no_track_timer = asyncio.get_running_loop().call_later(self.media_timeout, self._no_track)
