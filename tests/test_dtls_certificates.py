@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from test_call_e2e import dbfs, tone
 
-from server import aiortc_compat
+from server.media import aiortc_compat
 from server.caller import place_call
 
 SETUP = re.compile(r"^a=setup:(\w+)", re.MULTILINE)
