@@ -32,6 +32,8 @@ RECEIVE_COUNTERS = (
     ("recovered", "moshi_receive_packets_recovered", "Lost packets restored from the next packet's in-band FEC"),
     ("concealed_ms", "moshi_receive_concealed_milliseconds", "Callers' audio made up by Opus loss concealment"),
     ("bad_packets", "moshi_receive_packets_bad", "Callers' packets that were not Opus"),
+    ("unknown_payload_type", "moshi_receive_packets_unknown_payload_type",
+     "Callers' RTP packets with a payload type that was not negotiated (dropped)"),
 )
 
 

@@ -183,3 +183,27 @@ class RecordingSdp:
     def answer(self, sdp: str) -> str:
         self.answer_sdp = sdp
         return sdp
+
+
+class AnswerWithAnotherOpusPayloadType(RecordingSdp):
+    """A client that rewrites the answer it applies (a munging bug seen in the field): it then sends Opus
+    under a payload type the server never negotiated, which aiortc's router drops before any receiver."""
+
+    def answer(self, sdp: str) -> str:
+        self.answer_sdp = sdp
+        opus = re.search(r"a=rtpmap:(\d+) opus/48000/2", sdp).group(1)
+        self.sent_as = "120" if opus != "120" else "121"
+        return re.sub(rf"(?m)(^m=audio \S+ \S+ |a=rtpmap:|a=fmtp:|a=rtcp-fb:){opus}\b", rf"\g<1>{self.sent_as}", sdp)
+
+
+async def test_packets_of_a_payload_type_nobody_negotiated_are_counted_not_lost_silently(server, recorded):
+    sessions, inputs = recorded
+    munger = AnswerWithAnotherOpusPayloadType()
+    recording = await place_call(server.url, tone(440, 1.5), tail_s=0.1, sdp=munger, silence_after=False)
+    receive = sessions[recording.session_id].summary()["receive"]
+    assert receive["unknown_payload_type"] >= 50  # 1.5 s of 20 ms packets, every one under the wrong type
+    assert receive["packets"] == 0  # none reached the receive path as Opus
+    async with aiohttp.ClientSession() as http, http.get(server.url + "/metrics") as response:
+        metrics = await response.text()
+    counted = re.search(r"^moshi_receive_packets_unknown_payload_type(?:_total)? (\S+)$", metrics, re.M)
+    assert counted and float(counted.group(1)) == receive["unknown_payload_type"]

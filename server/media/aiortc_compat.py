@@ -81,6 +81,25 @@ def tap_audio_receiver(receiver: RTCRtpReceiver, on_packet: PacketHandler) -> _P
     return tap
 
 
+def count_unroutable_rtp(receiver: RTCRtpReceiver, on_unroutable: Callable[[int], None]) -> None:
+    """Tell `on_unroutable(payload_type)` about each RTP packet on the receiver's transport that aiortc's
+    router drops unseen (a payload type nobody negotiated): otherwise they vanish without a count.
+    Call it after setRemoteDescription, when the transport exists."""
+    check_version()
+    router = getattr(receiver.transport, "_rtp_router", None)
+    route_rtp = getattr(router, "route_rtp", None)
+    if route_rtp is None:
+        raise AiortcChanged(f"aiortc {aiortc.__version__}'s RTCDtlsTransport has no _rtp_router.route_rtp")
+
+    def route_and_count(packet):
+        routed = route_rtp(packet)
+        if routed is None:
+            on_unroutable(packet.payload_type)
+        return routed
+
+    router.route_rtp = route_and_count
+
+
 def sender_rtt_s(sender: RTCRtpSender) -> float | None:
     """The round trip time from the caller's RTCP receiver reports, when there are some."""
     return getattr(sender, "_RTCRtpSender__rtt", None)

@@ -50,6 +50,7 @@ class ReceiveStats:
     concealed_ms: int = 0  # audio made up by libopus's concealment
     silence_ms: int = 0  # gaps in the sender's RTP time, and losses past the concealment limit
     bad_packets: int = 0  # not Opus: refused on arrival (their slots are concealed)
+    unknown_payload_type: int = 0  # RTP with a payload type nobody negotiated (dropped by aiortc's router)
     decode_errors: int = 0  # parsed as Opus, but libopus could not decode them (concealed instead)
     restarts: int = 0
     pauses: int = 0  # losses past 100 ms, after which the stream went on from a later packet
@@ -101,6 +102,12 @@ class AudioReceiver:
             self.buffer.add(sequence_number, timestamp, payload, now, ssrc=ssrc,
                             ticks=samples * RTP_CLOCK // self.sample_rate, has_fec=self.decoder.has_fec(payload))
         self._drain()
+
+    def on_unroutable_packet(self, payload_type: int) -> None:
+        """A packet of the caller's that no receiver takes (a payload type nobody negotiated): counted only."""
+        self._stats.unknown_payload_type += 1
+        if self._stats.unknown_payload_type == 1:
+            log.warning("the caller sends RTP with payload type %d, which was not negotiated: dropped", payload_type)
 
     def close(self) -> None:
         self._closed = True

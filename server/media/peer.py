@@ -164,6 +164,7 @@ class CallSession:
         audio.setCodecPreferences(OPUS_ONLY)
         await self.pc.setRemoteDescription(offer)
         aiortc_compat.tap_audio_receiver(audio.receiver, self.receiver.on_packet)  # aiortc's decoder sees nothing
+        aiortc_compat.count_unroutable_rtp(audio.receiver, self.receiver.on_unroutable_packet)
         audio.sender.replaceTrack(self.outbound)
         aiortc_compat.use_opus_encoder(audio.sender, self.encoder)
         # The DTLS server role where the caller leaves it to us: then any certificate the caller has works.
