@@ -1,13 +1,18 @@
-"""A real Chromium as the caller in the network bench: tone bursts made and heard in WebAudio.
+"""A real Chromium as the caller in the network and speech benches: audio sent and heard in WebAudio.
 
-The page plays the burst plan (a WAV) into a MediaStreamDestination that is its
-microphone, and records what comes back through an AudioWorklet. Both happen in
-one AudioContext, so the send time (when the burst starts playing) and the
-arrival time (when its first sample is rendered, after Chromium's NetEq jitter
-buffer) are on one clock: the difference is the mouth-to-ear delay a person with
-zero-latency speakers and microphone would hear. A small proxy in front of the
-server under test serves the page and rewrites the offer and answer so the media
-crosses the impairment relay (tests/net_relay.py).
+The page plays a WAV (the network bench's tone bursts, or speech_wer's read
+speech) into a MediaStreamDestination that is its microphone, and records what
+comes back through an AudioWorklet. Both happen in one AudioContext, so the send
+time (when the WAV starts playing) and the arrival time (when a sample is
+rendered, after Chromium's NetEq jitter buffer) are on one clock: the difference
+is the mouth-to-ear delay a person with zero-latency speakers and microphone
+would hear. The WAV starts 0.3 s after the call connects and plays once, from
+its first sample. A WebAudio track skips getUserMedia's audio processing (echo
+cancellation, noise suppression, gain control): what is sent is the WAV through
+Chromium's own Opus encoder (WebRTC's, with in-band FEC when the answer's fmtp
+asks for it and its RTCP receiver reports show loss). A small proxy in front of
+the server under test serves the page and rewrites the offer and answer so the
+media crosses the impairment relay (tests/net_relay.py); RTCP is never impaired.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import re
 import shutil
 import socket
 import wave
@@ -51,7 +57,7 @@ PAGE_HTML = """<!doctype html><meta charset="utf-8"><title>network bench caller<
 window.placeCall = async (seconds) => {
   const ctx = new AudioContext({sampleRate: 48000});
   await ctx.audioWorklet.addModule("/recorder.js");
-  const bursts = await ctx.decodeAudioData(await (await fetch("/bursts.wav")).arrayBuffer());
+  const sound = await ctx.decodeAudioData(await (await fetch("/send.wav")).arrayBuffer());
   const mic = ctx.createMediaStreamDestination();
   mic.channelCount = 1;
   const pc = new RTCPeerConnection();
@@ -79,15 +85,24 @@ window.placeCall = async (seconds) => {
   const blocks = [];
   recorder.port.onmessage = (e) => blocks.push(e.data);
   const player = ctx.createBufferSource();
-  player.buffer = bursts;
+  player.buffer = sound;
   player.connect(mic);
   const start = ctx.currentTime + 0.3;
   player.start(start);
   await new Promise((resolve) => setTimeout(resolve, 1000 * seconds));
   recorder.port.postMessage("stop");
   const stats = {};
-  (await pc.getStats()).forEach((s) => {
-    if (s.type === "outbound-rtp" && s.kind === "audio") stats.sent = s.packetsSent;
+  const report = await pc.getStats();
+  report.forEach((s) => {
+    if (s.type === "outbound-rtp" && s.kind === "audio") {
+      stats.sent = s.packetsSent; stats.sent_bytes = s.bytesSent;
+      const codec = report.get(s.codecId);
+      if (codec) stats.send_codec = `${codec.mimeType} ${codec.sdpFmtpLine || ""}`.trim();
+    }
+    if (s.type === "remote-inbound-rtp" && s.kind === "audio") {  // the server's RTCP receiver reports
+      stats.reported_lost = s.packetsLost; stats.reported_fraction_lost = s.fractionLost;
+      stats.reports = s.roundTripTimeMeasurements;
+    }
     if (s.type === "inbound-rtp" && s.kind === "audio") {
       stats.concealed_samples = s.concealedSamples; stats.jitter_buffer_ms =
         s.jitterBufferEmittedCount ? 1000 * s.jitterBufferDelay / s.jitterBufferEmittedCount : null;
@@ -117,24 +132,34 @@ def wav_bytes(audio: np.ndarray, rate: int = RATE) -> bytes:
     return out.getvalue()
 
 
-class ChromiumCallProxy:
-    """Serves the bench page and relays `/offer` to the server under test, through an impairment relay."""
+def opus_fmtp(sdp: str) -> str | None:
+    """The `a=fmtp` parameters of the SDP's Opus payload type (None when it has none)."""
+    rtpmap = re.search(r"^a=rtpmap:(\d+) opus/48000", sdp, re.IGNORECASE | re.MULTILINE)
+    fmtp = rtpmap and re.search(rf"^a=fmtp:{rtpmap.group(1)} (.*?)\s*$", sdp, re.MULTILINE)
+    return fmtp.group(1) if fmtp else None
 
-    def __init__(self, target_url: str, plan: BurstPlan):
-        self.target_url, self.plan = target_url, plan
+
+class ChromiumCallProxy:
+    """Serves the bench page and relays `/offer` to the server under test, through an impairment relay.
+    `audio` (float32 mono at RATE) is what the page sends; the Opus fmtp of the offer and of the answer are
+    kept (`fmtp`) to show what each side asked for."""
+
+    def __init__(self, target_url: str, audio: np.ndarray):
+        self.target_url, self.audio = target_url, audio
         self.relay: UdpRelay | None = None
         self.session_id: str | None = None
+        self.fmtp: dict[str, str | None] = {}
         self.answered = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.url = ""
 
     async def start(self) -> ChromiumCallProxy:
         app = web.Application()
-        bursts = wav_bytes(self.plan.audio(RATE))
+        sound = wav_bytes(self.audio)
         app.router.add_get("/", lambda _: web.Response(text=PAGE_HTML, content_type="text/html"))
         app.router.add_get("/recorder.js", lambda _: web.Response(text=RECORDER_JS,
                                                                   content_type="application/javascript"))
-        app.router.add_get("/bursts.wav", lambda _: web.Response(body=bursts, content_type="audio/wav"))
+        app.router.add_get("/send.wav", lambda _: web.Response(body=sound, content_type="audio/wav"))
         app.router.add_post("/offer", self._offer)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -146,10 +171,12 @@ class ChromiumCallProxy:
 
     async def _offer(self, request: web.Request) -> web.Response:
         body = await request.json()
+        self.fmtp["offer"] = opus_fmtp(body["sdp"])
         body["sdp"] = self.relay.offer(body["sdp"])
         async with aiohttp.ClientSession() as http, http.post(f"{self.target_url}/offer", json=body) as response:
             answer = await response.json()
         self.session_id = answer.get("session_id")
+        self.fmtp["answer"] = opus_fmtp(answer.get("sdp", ""))
         self.answered.set()
         answer["sdp"] = self.relay.answer(answer["sdp"])
         return web.json_response(answer)
@@ -172,10 +199,10 @@ def recorded_chunks(result: dict, chunk: int = 960) -> tuple[list[np.ndarray], l
     return chunks, arrivals
 
 
-async def chromium_call(browser, target_url: str, up: Rule, down: Rule, seconds: float, plan: BurstPlan,
-                        on_answer=lambda session_id: None) -> tuple[dict, UdpRelay]:
-    """One call from a fresh page; returns the burst delays keyed by burst and the relay (for its counters)."""
-    proxy = await ChromiumCallProxy(target_url, plan).start()
+async def _place(browser, target_url: str, up: Rule, down: Rule, seconds: float, audio: np.ndarray,
+                 on_answer) -> tuple[dict, ChromiumCallProxy]:
+    """One call from a fresh page that sends `audio` and records `seconds` of the reply."""
+    proxy = await ChromiumCallProxy(target_url, audio).start()
     proxy.relay = await UdpRelay(up=up, down=down).start()
     page = await browser.new_page()
     try:
@@ -191,5 +218,22 @@ async def chromium_call(browser, target_url: str, up: Rule, down: Rule, seconds:
         await page.close()
         await proxy.close()
         proxy.relay.close()
+    return result, proxy
+
+
+async def chromium_call(browser, target_url: str, up: Rule, down: Rule, seconds: float, plan: BurstPlan,
+                        on_answer=lambda session_id: None) -> tuple[dict, UdpRelay]:
+    """One call from a fresh page; returns the burst delays keyed by burst and the relay (for its counters)."""
+    result, proxy = await _place(browser, target_url, up, down, seconds, plan.audio(RATE), on_answer)
     chunks, arrivals = recorded_chunks(result)
     return {"delays": plan.delays(chunks, arrivals, result["start"], rate=RATE), "stats": result["stats"]}, proxy.relay
+
+
+async def chromium_recording(browser, target_url: str, up: Rule, down: Rule, audio: np.ndarray, seconds: float,
+                             on_answer=lambda session_id: None) -> tuple[np.ndarray, dict, UdpRelay]:
+    """One call that sends `audio` (float32 mono at RATE) once; returns what the page heard (float32 mono at
+    RATE, from the moment the call connected, `seconds` long), the page's WebRTC figures with the offer's and
+    the answer's Opus fmtp, and the relay (for its counters)."""
+    result, proxy = await _place(browser, target_url, up, down, seconds, audio, on_answer)
+    heard = np.frombuffer(base64.b64decode(result["audio"]), np.float32).copy()
+    return heard, {**result["stats"], "fmtp": proxy.fmtp}, proxy.relay

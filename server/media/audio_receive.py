@@ -46,6 +46,7 @@ class ReceiveStats:
     lost: int = 0  # slots whose packet was missing when due
     late: int = 0  # packets that came after their slot was filled without them
     duplicates: int = 0
+    fec_packets: int = 0  # packets that carried in-band FEC (LBRR) for the packet before them
     recovered: int = 0  # lost packets restored from the next packet's in-band FEC
     concealed_ms: int = 0  # audio made up by libopus's concealment
     silence_ms: int = 0  # gaps in the sender's RTP time, and losses past the concealment limit
@@ -99,8 +100,10 @@ class AudioReceiver:
         if samples <= 0:
             self._stats.bad_packets += 1  # its slot will be concealed when it is due
         else:
+            has_fec = self.decoder.has_fec(payload)
+            self._stats.fec_packets += has_fec
             self.buffer.add(sequence_number, timestamp, payload, now, ssrc=ssrc,
-                            ticks=samples * RTP_CLOCK // self.sample_rate, has_fec=self.decoder.has_fec(payload))
+                            ticks=samples * RTP_CLOCK // self.sample_rate, has_fec=has_fec)
         self._drain()
 
     def on_unroutable_packet(self, payload_type: int) -> None:
