@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -85,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="relay: the server's peer and the page use TURN relay candidates only")
     serve.add_argument("--ice-host-address", action="append", default=[], metavar="IP",
                        help="offer host candidates only on this local address (repeatable; default: all)")
+    fleet = serve.add_argument_group("many replicas (docs/SCALING.md)")
+    fleet.add_argument("--drain-seconds", type=float, default=0.0,
+                       help="on SIGTERM, take no new calls (/readyz 503) and let calls in progress go on this long, "
+                            "then end the rest (bye: server_restart) and exit 0; a second signal ends them at once")
+    fleet.add_argument("--replica-id", type=_replica_id, default=None, metavar="ID",
+                       help="this replica's name: session ids start with 'ID.', so a balancer can route a call's "
+                            "/sessions/{id} and /whip/{id} requests to it (e.g. the pod name)")
+    fleet.add_argument("--public-url", default=None, metavar="URL",
+                       help="this replica's own URL (e.g. https://pod-0.calls.example.org): WHIP Location and "
+                            "session_url are absolute on it, so a call's later requests come straight here")
     guard = serve.add_argument_group("protection (docs/OPERATIONS.md)")
     guard.add_argument("--api-token", "--whip-token", dest="api_token",
                        default=os.environ.get(API_TOKEN_ENV) or os.environ.get(WHIP_TOKEN_ENV),
@@ -187,6 +198,13 @@ def _first_choice(args: argparse.Namespace) -> str:
     return "tiny-persona" if getattr(args, "voices", None) or args.command == "voice-prompt" else "tiny"
 
 
+def _replica_id(text: str) -> str:
+    """A replica id goes into session ids and URLs, and a balancer matches on it: letters, digits and '-'."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a replica id is 1-63 letters, digits or '-'")
+    return text
+
+
 async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -210,7 +228,8 @@ async def serve(args: argparse.Namespace) -> int:
     config = SignalingConfig(
         ice=ice, media_timeout_s=args.media_timeout, api_token=args.api_token, cors_origins=tuple(args.cors_origin),
         max_offers_per_minute=args.max_offers_per_minute, trust_forwarded_for=args.trust_forwarded_for,
-        max_call_s=60 * args.max_call_minutes if args.max_call_minutes > 0 else None)
+        max_call_s=60 * args.max_call_minutes if args.max_call_minutes > 0 else None,
+        session_id_prefix=f"{args.replica_id}." if args.replica_id else "", public_url=args.public_url)
     worker_count = default_worker_count(args.max_calls) if args.media_workers is None else args.media_workers
     workers = None
     if worker_count > 0:
@@ -261,6 +280,16 @@ async def serve(args: argparse.Namespace) -> int:
 
     engine.fatal_listeners.append(on_fatal)
     await stop.wait()
+    if status["code"] == 0:  # a SIGTERM or SIGINT: drain; a second one ends the calls at once
+        draining = asyncio.ensure_future(service.drain(args.drain_seconds))
+        stop.clear()
+        stopped_again = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({draining, stopped_again}, return_when=asyncio.FIRST_COMPLETED)
+        if not draining.done():
+            log.warning("asked again to stop: ending the calls now")
+            draining.cancel()
+            await service.end_all_calls("server_restart", kind="server_restart")
+        stopped_again.cancel()
     log.info("shutting down")
     if workers is not None:
         await workers.stop()

@@ -31,15 +31,15 @@ def worker_main(index: int, engine_path: str, config, host_addresses: list[str] 
 async def _serve(index: int, engine_path: str, config, host_addresses: list[str] | None) -> int:
     from aiohttp import web
 
-    from signaling.app import SignalingService
+    from signaling.app import SERVER_RESTART, SignalingService
 
     from .engine.remote import RemoteEngine
     from .media.ice import use_host_addresses
     from .media.workers import session_prefix
 
     use_host_addresses(host_addresses)
-    config = dataclasses.replace(config, session_id_prefix=session_prefix(index), api_token=None, cors_origins=(),
-                                 max_offers_per_minute=0)
+    config = dataclasses.replace(config, session_id_prefix=config.session_id_prefix + session_prefix(index),
+                                 api_token=None, cors_origins=(), max_offers_per_minute=0)
     engine = RemoteEngine(engine_path)
     service = SignalingService(engine, config)
     runner = web.AppRunner(service.app(), access_log=None)
@@ -66,6 +66,8 @@ async def _serve(index: int, engine_path: str, config, host_addresses: list[str]
     if outcome["code"] == EXIT_ENGINE_LOST:
         logging.getLogger(__name__).error("the engine process went away: ending %d call(s)", len(service.sessions))
         await service.end_all_calls("the model engine stopped", kind="engine_lost")
+    else:  # the front stops (after its drain, if it had one): the calls still here end as a restart
+        await service.end_all_calls(SERVER_RESTART, kind=SERVER_RESTART)
     await runner.cleanup()
     engine.close()
     return outcome["code"]

@@ -54,6 +54,9 @@ WEB_DIR = Path(os.environ.get("MOSHI_WEBRTC_WEB_DIR", Path(__file__).resolve().p
 SERVICE_KEY = web.AppKey("service", "SignalingService")
 
 
+SERVER_RESTART = "server_restart"  # the reason (and kind) of calls a drain had to end
+
+
 @dataclass
 class SignalingConfig:
     ice: IceConfig = field(default_factory=IceConfig)
@@ -68,7 +71,8 @@ class SignalingConfig:
     max_offers_per_minute: int = 20  # per client address; 0: no limit
     trust_forwarded_for: bool = False  # behind a reverse proxy: the client is X-Forwarded-For's first address
     max_call_s: float | None = 3600.0  # a call ends after this long
-    session_id_prefix: str = ""  # a media worker's own (server.worker), so the front can route by id
+    session_id_prefix: str = ""  # the replica's (`r1.`) and a media worker's (`w0.`): routes by id alone
+    public_url: str | None = None  # this replica's own URL: WHIP Location and `session_url` are absolute
 
 
 class SignalingService:
@@ -79,12 +83,13 @@ class SignalingService:
         self.sessions: dict[str, CallSession] = {}
         self.metrics = ServiceMetrics(lambda: self.engine, lambda: list(self.sessions.values()))
         self.workers = workers
-        self.forwarder = CallForwarder(workers) if workers is not None else None
+        self.forwarder = CallForwarder(workers, self._refusal) if workers is not None else None
         if workers is not None:
             self.metrics.registry.register(WorkerTotals(workers))
         self.use_engine(engine)
         self._device_checked_at = 0.0
         self._device_ok = True
+        self.draining = False  # set by drain(): no new calls, readiness fails, calls in progress go on
 
     def app(self) -> web.Application:
         config = self.config
@@ -133,7 +138,8 @@ class SignalingService:
             session, answer = await self.start_session(offer.description, offer.persona)
         except SessionRefused as refused:
             return json_error(refused.status, refused.message, refused.headers)
-        return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.session_id})
+        return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.session_id,
+                                  "session_url": self.session_url("sessions", session.session_id)})
 
     async def start_session(
         self, offer: RTCSessionDescription, persona: Persona | None = None
@@ -141,6 +147,9 @@ class SignalingService:
         """Check the persona, take a slot, make the peer, answer. Raises SessionRefused, leaving no peer
         and no slot behind. A model that takes a persona gets the caller's, or its default one."""
         retry = {"Retry-After": str(self.config.retry_after_s)}
+        refusal = self._refusal()
+        if refusal is not None:
+            raise SessionRefused(*refusal)
         try:
             plan = None
             if persona is not None or self.engine.prompt_book is not None:
@@ -178,6 +187,39 @@ class SignalingService:
         session.started()
         log.info("session %s: answered, slot %d", session_id, call.slot)
         return session, answer
+
+    def session_url(self, kind: str, session_id: str) -> str:
+        """Where a call's later requests go (`/sessions/{id}`, `/whip/{id}`): relative, so a balancer routes them
+        by the id's replica prefix, or absolute on this replica's `public_url`."""
+        path = f"/{kind}/{session_id}"
+        return self.config.public_url.rstrip("/") + path if self.config.public_url else path
+
+    def _refusal(self) -> tuple[int, str, dict[str, str]] | None:
+        """Why a new call is refused before anything is made for it (None: go ahead)."""
+        if self.draining:
+            self.metrics.rejected("draining")
+            return 503, "this server is restarting and takes no new calls; try again", {
+                "Retry-After": str(self.config.retry_after_s)}
+        return None
+
+    def calls_in_progress(self) -> int:
+        return len(self.sessions) if self.workers is None else self.workers.host.calls_held()
+
+    async def drain(self, seconds: float, poll_s: float = 0.2) -> int:
+        """Stop admitting (readiness fails, offers get 503 with Retry-After) and let the calls in progress go
+        on for up to `seconds`; then end the rest with reason `server_restart`. Returns how many were ended."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        log.warning("draining: no new calls; %d call(s) in progress may go on for up to %g s",
+                    self.calls_in_progress(), seconds)
+        while self.calls_in_progress() and loop.time() < deadline:
+            await asyncio.sleep(poll_s)
+        left = self.calls_in_progress()
+        if left:
+            log.warning("drain time is up: ending %d call(s) (server_restart)", left)
+        await self.end_all_calls(SERVER_RESTART, kind=SERVER_RESTART)
+        return left
 
     def _forget(self, session: CallSession) -> None:
         self.sessions.pop(session.session_id, None)
@@ -220,6 +262,8 @@ class SignalingService:
         reason = None
         if engine.fatal is not None:
             reason = str(engine.fatal)
+        elif self.draining:
+            reason = "draining: the server is restarting"
         elif not engine.ready:
             reason = "the model is warming up"
         elif engine.free_slots == 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -34,8 +35,11 @@ ENGINE_METRICS = {"moshi_input_frames_dropped", "moshi_engine_steps", "moshi_eng
 
 
 class CallForwarder:
-    def __init__(self, workers: MediaWorkers, timeout_s: float = 30.0):
+    def __init__(self, workers: MediaWorkers, refusal: Callable[[], tuple[int, str, dict] | None] = lambda: None,
+                 timeout_s: float = 30.0):
+        """`refusal`: the front's reason to refuse a new call before any worker sees it (draining)."""
         self.workers = workers
+        self.refusal = refusal
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._http: aiohttp.ClientSession | None = None
 
@@ -57,6 +61,9 @@ class CallForwarder:
         return self._http
 
     async def new_call(self, request: web.Request) -> web.Response:
+        refusal = self.refusal() if request.method == "POST" else None
+        if refusal is not None:
+            return json_error(*refusal)
         worker = self.workers.pick()
         if worker is None:
             return json_error(503, "no media worker is running; try again shortly", {"Retry-After": "2"})

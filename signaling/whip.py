@@ -100,7 +100,8 @@ class WhipEndpoint:
             status=201,
             body=answer.sdp.encode(),
             content_type=SDP,
-            headers={"Location": f"/whip/{session.session_id}", "ETag": f'"{session.session_id}"'},
+            headers={"Location": self.service.session_url("whip", session.session_id),
+                     "ETag": f'"{session.session_id}"'},
         )
         return self._with_links(response)
 

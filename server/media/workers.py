@@ -142,7 +142,7 @@ class MediaWorkers:
     def holding(self, session_id: str) -> WorkerProcess | None:
         """The worker whose calls carry this session id (None: no such worker running)."""
         for worker in self.alive():
-            if session_id.startswith(session_prefix(worker.index)):
+            if session_id.startswith(self.config.session_id_prefix + session_prefix(worker.index)):
                 return worker
         return None
 
