@@ -1,0 +1,175 @@
+"""A real Firefox (Debian's firefox-esr), headless, driven over Marionette with the `marionette-driver` package.
+
+We start Firefox ourselves (`--marionette --headless --no-remote --profile DIR`) with a throwaway profile
+whose user.js holds the prefs below, and talk to it on a free port named by the `marionette.port` pref.
+marionette-driver's client blocks on its socket, so every call here runs in a thread: the server under
+test shares the test's event loop and must keep running while Firefox is asked something.
+
+Scripts run in the page's own realm (`sandbox=None`), so they see the page's globals (`window.moshiCall`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+FIREFOX = shutil.which("firefox-esr")
+try:
+    from marionette_driver.marionette import Marionette
+except ImportError:  # the `test` extra installs it
+    Marionette = None
+
+MISSING = (
+    "Debian's firefox-esr is not installed (./run test installs it)" if FIREFOX is None
+    else "the marionette-driver package is not installed (pip install -e '.[test]')" if Marionette is None
+    else None
+)
+
+PREFS = {
+    # Fake media: a generated microphone (a steady tone), no permission prompt.
+    "media.navigator.streams.fake": True,
+    "media.navigator.permission.disabled": True,
+    # Headless with no sound device, cubeb has no backend: without a mock context AudioContext.resume()
+    # never settles and nothing plays.
+    "media.cubeb.force_mock_context": True,
+    "media.autoplay.default": 0,  # allow audio to play without a user gesture
+    "media.autoplay.block-webaudio": False,
+    # ICE on loopback, as in every test here: Firefox leaves loopback candidates out by default (without
+    # this, no call connects in a loopback-only network namespace). Host addresses as they are, not mDNS
+    # names (Firefox shows them anyway to a page holding a microphone permission: see allow_microphone).
+    "media.peerconnection.ice.loopback": True,
+    "media.peerconnection.ice.obfuscate_host_addresses": False,
+    # Nothing but the page: no first-run pages, updates, telemetry or background connections.
+    "browser.shell.checkDefaultBrowser": False,
+    "browser.startup.page": 0,
+    "browser.startup.homepage": "about:blank",
+    "browser.startup.homepage_override.mstone": "ignore",
+    "browser.aboutwelcome.enabled": False,
+    "startup.homepage_welcome_url": "about:blank",
+    "datareporting.policy.dataSubmissionEnabled": False,
+    "datareporting.healthreport.uploadEnabled": False,
+    "toolkit.telemetry.enabled": False,
+    "toolkit.telemetry.server": "",
+    "app.update.disabledForTesting": True,
+    "app.normandy.enabled": False,
+    "extensions.update.enabled": False,
+    "extensions.getAddons.cache.enabled": False,
+    "extensions.blocklist.enabled": False,
+    "browser.safebrowsing.malware.enabled": False,
+    "browser.safebrowsing.phishing.enabled": False,
+    "browser.safebrowsing.downloads.enabled": False,
+    "browser.safebrowsing.update.enabled": False,
+    "network.captive-portal-service.enabled": False,
+    "network.connectivity-service.enabled": False,
+    "services.settings.server": "",
+    "browser.newtabpage.enabled": False,
+    "browser.region.network.url": "",
+    "remote.prefs.recommended": True,
+}
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Firefox:
+    """One headless Firefox process and its Marionette session. Use `async with Firefox(tmp_path) as ff`."""
+
+    def __init__(self, workdir: Path, prefs: dict | None = None):
+        self.profile = workdir / "firefox-profile"
+        self.profile.mkdir(parents=True, exist_ok=True)
+        self.port = free_tcp_port()
+        prefs = {**PREFS, **(prefs or {}), "marionette.port": self.port}
+        (self.profile / "user.js").write_text(
+            "".join(f"user_pref({json.dumps(name)}, {json.dumps(value)});\n" for name, value in prefs.items())
+        )
+        self.log_path = workdir / "firefox.log"
+        self.process: subprocess.Popen | None = None
+        self.client = None
+
+    async def __aenter__(self) -> Firefox:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [FIREFOX, "--marionette", "--remote-allow-system-access", "--headless", "--no-remote", "--profile",
+                 str(self.profile)],
+                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MOZ_HEADLESS": "1"},
+            )
+        self.client = Marionette(host="127.0.0.1", port=self.port, startup_timeout=60)
+        await asyncio.to_thread(self.client.start_session)  # waits for the port, then opens a session
+
+    async def close(self) -> None:
+        if self.client is not None and self.client.session is not None:
+            with contextlib.suppress(Exception):  # Firefox may be gone already
+                await asyncio.to_thread(self.client.delete_session)
+        if self.client is not None:
+            self.client.cleanup_ran = True  # nothing of ours for its __del__ to clean up
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                await asyncio.to_thread(self.process.wait, 20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                await asyncio.to_thread(self.process.wait)
+
+    async def allow_microphone(self, origin: str) -> None:
+        """Store a microphone permission for `origin`, as a person's "Allow" would. Without one, Firefox
+        gathers ICE candidates on its default-route address only (never loopback): in a loopback-only
+        network namespace it then offers no candidate at all and the call fails."""
+
+        def grant():
+            with self.client.using_context("chrome"):
+                self.client.execute_script(
+                    "const principal = Services.scriptSecurityManager.createContentPrincipalFromOrigin(arguments[0]);"
+                    "Services.perms.addFromPrincipal(principal, 'microphone', Services.perms.ALLOW_ACTION);",
+                    (origin,),
+                )
+
+        await asyncio.to_thread(grant)
+
+    async def navigate(self, url: str) -> None:
+        await asyncio.to_thread(self.client.navigate, url)
+
+    async def run(self, script: str, *args):
+        """Run `script` (a function body; `arguments` are `args`) in the page; returns what it returns."""
+        return await asyncio.to_thread(self.client.execute_script, script, args, True, None)
+
+    async def run_async(self, script: str, *args, timeout_s: float = 60.0):
+        """Run an async function body in the page and return what its promise resolves to.
+
+        A rejection comes back as {"error": message}."""
+        body = (
+            "const done = arguments[arguments.length - 1];"
+            f"(async (...args) => {{ {script} }})(...Array.from(arguments).slice(0, -1))"
+            ".then(done, (e) => done({error: String(e && e.stack || e)}));"
+        )
+        return await asyncio.to_thread(
+            self.client.execute_async_script, body, args, True, None, int(timeout_s * 1000)
+        )
+
+    async def wait_for(self, condition: str, timeout_s: float = 30.0, every_ms: int = 100):
+        """Wait in the page until the JavaScript expression `condition` is truthy; returns its value.
+        `timeout_s` guards against a hang (it fails the test); it is not a timing under test."""
+        result = await self.run_async(
+            f"for (;;) {{ const v = await (async () => ({condition}))(); if (v) return {{ok: v}};"
+            f" await new Promise((r) => setTimeout(r, {every_ms})); }}",
+            timeout_s=timeout_s,
+        )
+        if not isinstance(result, dict) or "ok" not in result:
+            raise AssertionError(f"{condition!r} failed in Firefox: {result}")
+        return result["ok"]
+
