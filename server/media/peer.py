@@ -256,7 +256,7 @@ class CallSession:
                     return
                 try:
                     await asyncio.wait_for(track.recv(), self.media_timeout - silent_for)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 log.error("session %s: aiortc decoded a frame itself: the receive tap is bypassed", self.session_id)
         except MediaStreamError:
