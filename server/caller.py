@@ -43,9 +43,11 @@ class SdpRewrite(Protocol):
 
 
 class CallRefused(RuntimeError):
-    def __init__(self, status: int, message: str, retry_after: str | None = None):
+    def __init__(self, status: int, message: str, retry_after: str | None = None, session_id: str | None = None):
+        """`session_id`: a call made and ended at once (502, no relay): GET /sessions/{id} says why."""
         super().__init__(f"{status}: {message}")
         self.status, self.message, self.retry_after = status, message, retry_after
+        self.session_id = session_id
 
 
 @dataclass
@@ -200,7 +202,8 @@ async def place_call(
         async with http.post(f"{url}/offer", json=offer, headers=auth) as response:
             body = await response.json()
             if response.status != 200:
-                raise CallRefused(response.status, body.get("error", ""), response.headers.get("Retry-After"))
+                raise CallRefused(response.status, body.get("error", ""), response.headers.get("Retry-After"),
+                                  body.get("session_id"))
         recording.offer_ms = 1000 * (time.monotonic() - posted)
         recording.session_id = body["session_id"]
         recording.answered_at = time.monotonic()

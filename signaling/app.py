@@ -40,6 +40,7 @@ from server.media.peer import CallSession, RelayUnavailable
 from server.media.workers import MediaWorkers
 from server.model.persona import Persona, PersonaError
 
+from .ended import EndedSessions
 from .errors import SessionRefused, json_error
 from .forward import CallForwarder, WorkerTotals, merge_expositions
 from .guards import OfferRateLimit, cors_middleware, token_middleware
@@ -73,6 +74,8 @@ class SignalingConfig:
     max_call_s: float | None = 3600.0  # a call ends after this long
     session_id_prefix: str = ""  # the replica's (`r1.`) and a media worker's (`w0.`): routes by id alone
     public_url: str | None = None  # this replica's own URL: WHIP Location and `session_url` are absolute
+    ended_sessions_kept: int = 256  # ended calls whose summary GET /sessions/{id} still shows ...
+    ended_session_keep_s: float = 300.0  # ... for this long
 
 
 class SignalingService:
@@ -81,6 +84,7 @@ class SignalingService:
         call route to them (signaling.forward); None: calls are served in this process."""
         self.config = config or SignalingConfig()
         self.sessions: dict[str, CallSession] = {}
+        self.ended = EndedSessions(self.config.ended_sessions_kept, self.config.ended_session_keep_s)
         self.metrics = ServiceMetrics(lambda: self.engine, lambda: list(self.sessions.values()))
         self.workers = workers
         self.forwarder = CallForwarder(workers, self._refusal) if workers is not None else None
@@ -137,7 +141,7 @@ class SignalingService:
         try:
             session, answer = await self.start_session(offer.description, offer.persona)
         except SessionRefused as refused:
-            return json_error(refused.status, refused.message, refused.headers)
+            return refused.response()
         return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.session_id,
                                   "session_url": self.session_url("sessions", session.session_id)})
 
@@ -174,10 +178,11 @@ class SignalingService:
         try:
             answer = await asyncio.wait_for(session.answer(offer), self.config.answer_timeout_s)
         except RelayUnavailable as exc:
-            await session.hang_up("no TURN relay", kind="no_relay")
-            log.error("offer failed: %s", exc)
+            log.warning("session %s: %s", session_id, exc)
+            await session.hang_up(str(exc), kind="no_relay")
+            self.ended.add(session_id, session.summary())
             self.metrics.rejected("no_relay")
-            raise SessionRefused(502, str(exc)) from None
+            raise SessionRefused(502, str(exc), session_id=session_id) from None
         except Exception as exc:  # a bad offer must not leave a peer or a slot behind
             await session.hang_up("the offer could not be applied", kind="bad_offer")
             log.info("offer failed: %s: %s", type(exc).__name__, exc)
@@ -222,7 +227,9 @@ class SignalingService:
         return left
 
     def _forget(self, session: CallSession) -> None:
-        self.sessions.pop(session.session_id, None)
+        """A call ended: out of the live calls, its summary kept a while (a refused offer was never in)."""
+        if self.sessions.pop(session.session_id, None) is not None:
+            self.ended.add(session.session_id, session.summary())
 
     def _session(self, request: web.Request) -> CallSession | None:
         return self.sessions.get(request.match_info["session_id"])
@@ -235,10 +242,14 @@ class SignalingService:
         return web.json_response({"session_id": session.session_id, "ended": True})
 
     async def get_session(self, request: web.Request) -> web.Response:
+        """A live call's figures, or an ended one's last figures and why it ended, while it is kept."""
         session = self._session(request)
-        if session is None:
-            return json_error(404, "no such session (it may have ended already)")
-        return web.json_response(session.summary())
+        if session is not None:
+            return web.json_response(session.summary())
+        ended = self.ended.get(request.match_info["session_id"])
+        if ended is None:
+            return json_error(404, "no such session (it ended long ago, or never was)")
+        return web.json_response(ended)
 
     async def _hang_up_all(self, app: web.Application) -> None:
         await self.end_all_calls("server shutting down", kind="shutdown")

@@ -85,7 +85,7 @@ class CallForwarder:
                 payload = await answer.read()
                 kept = {name: answer.headers[name] for name in RESPONSE_HEADERS if name in answer.headers}
                 return web.Response(status=answer.status, body=payload, headers=kept)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             log.error("media worker %d did not answer %s %s: %s", worker.index, request.method, request.path, exc)
             return json_error(502, f"the media worker handling this request failed: {type(exc).__name__}")
 
@@ -94,7 +94,7 @@ class CallForwarder:
             try:
                 async with self._client().get(f"http://127.0.0.1:{worker.link.http_port}/metrics") as answer:
                     return await answer.text()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 return ""
 
         return list(await asyncio.gather(*(fetch(worker) for worker in self.workers.alive())))

@@ -95,7 +95,7 @@ class WhipEndpoint:
                 RTCSessionDescription(sdp=sdp, type="offer"), Persona.from_query(dict(request.query))
             )
         except SessionRefused as refused:
-            return json_error(refused.status, refused.message, refused.headers)
+            return refused.response()
         response = web.Response(
             status=201,
             body=answer.sdp.encode(),

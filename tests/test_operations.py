@@ -157,7 +157,7 @@ async def test_a_call_ends_at_its_maximum_length_with_a_bye_that_says_so(echo_se
     await stop_server(server)
 
 
-async def test_a_caller_who_vanishes_is_noticed_within_the_media_timeout(tmp_path):
+async def test_a_caller_who_vanishes_is_noticed_within_the_media_timeout(tmp_path, caplog):
     """The caller's process is killed mid-call: no DTLS close, no DELETE, its packets just stop."""
     server = await start_server(create_engine(ModelSource("echo"), max_calls=1), SignalingConfig(media_timeout_s=1.5))
     write_wav(tmp_path / "long.wav", tone(300, 30.0), 48000)
@@ -180,6 +180,15 @@ async def test_a_caller_who_vanishes_is_noticed_within_the_media_timeout(tmp_pat
     assert session.end_reason == "no audio from the caller for 1.5 s" and session.end_kind == "no_media"
     assert noticed > 1.4  # the media timeout ended it (its reason above), not aiortc's ~30 s consent expiry
     assert server.engine.free_slots == 1 and not server.service.sessions
+    # Said at WARNING with the session's id, counted by kind, and still readable after the end.
+    assert any(r.levelname == "WARNING" and session.session_id in r.getMessage() and session.end_reason
+               in r.getMessage() for r in caplog.records)
+    found = samples(server.service.metrics.render().decode())
+    assert found[("moshi_calls_ended_total", (("reason", "no_media"),))] == 1
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/sessions/{session.session_id}") as response:
+        summary = await response.json()
+    assert response.status == 200 and summary["ended"] is True and summary["end_kind"] == "no_media"
+    assert summary["end_reason"] == "no audio from the caller for 1.5 s" and summary["frames_in"] >= 10
     await stop_server(server)
 
 

@@ -74,6 +74,7 @@ async def test_bad_offers_get_a_4xx_that_says_what_is_wrong_and_leave_nothing_be
     await pc_audio.close()
     await pc_data.close()
     assert not tiny_server.service.sessions and tiny_server.engine.free_slots == 2
+    assert len(tiny_server.service.ended) == 0  # a refused offer never was a call: nothing kept for it
     recording = await place_call(url, speechlike(1.5), tail_s=0.0)  # the server still answers calls
     assert dbfs(recording.audio[12000:]) > -40
 

@@ -17,6 +17,7 @@ import pytest
 from conftest import TURN_SECRET as SECRET
 from conftest import TURNSERVER, Coturn, start_server, stop_server
 from test_call_e2e import dbfs, tone
+from test_operations import samples
 
 from server.caller import CallFailed, place_call
 from server.engine.setup import create_engine
@@ -79,7 +80,7 @@ async def test_a_wrong_or_expired_credential_fails_the_call_with_a_clear_error(c
     await stop_server(server)
 
 
-async def test_a_server_with_the_wrong_secret_answers_502_and_keeps_nothing(coturn):
+async def test_a_server_with_the_wrong_secret_answers_502_and_keeps_nothing(coturn, caplog):
     server = await start_server(create_engine(ModelSource("echo"), max_calls=1),
                                 SignalingConfig(ice=relay_ice(coturn, secret="not-the-secret")))
     caller_ice = IceConfig(turn_urls=(coturn.url,), turn_secret=SECRET)  # the caller's own relay works
@@ -88,4 +89,14 @@ async def test_a_server_with_the_wrong_secret_answers_502_and_keeps_nothing(cotu
     assert getattr(refused.value, "status", None) == 502
     assert "no TURN relay candidate" in refused.value.message
     assert not server.service.sessions and server.engine.free_slots == 1
+    # Said at WARNING with the session's id, counted, and readable for a while under that id.
+    session_id = refused.value.session_id
+    assert any(r.levelname == "WARNING" and session_id in r.getMessage() and "no TURN relay" in r.getMessage()
+               for r in caplog.records)
+    found = samples(server.service.metrics.render().decode())
+    assert found[("moshi_calls_rejected_total", (("reason", "no_relay"),))] == 1
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/sessions/{session_id}") as response:
+        summary = await response.json()
+    assert response.status == 200 and summary["end_kind"] == "no_relay"
+    assert "no TURN relay candidate" in summary["end_reason"]
     await stop_server(server)

@@ -16,10 +16,12 @@ import asyncio
 import logging
 import math
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import aiortc
+import aiortc.rtcdtlstransport
 import aiortc.rtp
 import av
 import numpy as np
@@ -348,3 +350,148 @@ def use_certificate(pc: RTCPeerConnection, certificate: RTCCertificate) -> None:
     if pc.getTransceivers() or pc.sctp is not None:
         raise ValueError("use_certificate must come before the peer connection makes its transports")
     setattr(pc, _CERTIFICATES, [certificate])
+
+
+# -- why a connection failed ----------------------------------------------------------------------
+#
+# aiortc 1.16 says only that a transport went to "failed". The cause is known for a moment and then lost:
+#   - ICE: RTCIceTransport.start() catches aioice's ConnectionError ("ICE negotiation failed": every
+#     candidate pair's checks failed or timed out, or there was no pair at all) and sets "failed"; after
+#     a connection, its _monitor sets "failed" when aioice's consent checks (RFC 7675) go unanswered.
+#   - DTLS: RTCDtlsTransport._do_handshake catches OpenSSL's SSL.Error or a ConnectionError and sets
+#     "failed". The SSL.Error's reason (our own error such as "no shared cipher", or the alert the peer
+#     sent: "tls alert handshake failure") is usually gone by then: _recv_next feeds each datagram with
+#     SSL.Connection.recv, which runs the handshake and swallows the SSL.Error, so the next do_handshake
+#     raises one with no reason. `recv` is wrapped on the transport's SSL connection (made just before it
+#     goes to "connecting") to keep the first reason. _validate_peer_identity sets "failed" with no
+#     exception when the peer's certificate does not match the offer's a=fingerprint; _setup_srtp when
+#     no SRTP profile was negotiated. Each writes only a DEBUG line, without the session's name.
+# Each transport emits "statechange" synchronously inside those except blocks, so a listener sees the
+# exception being handled (sys.exc_info) and the transport's state as it failed.
+
+_FINGERPRINT = re.compile(r"^a=fingerprint:(\S+) (\S+)", re.MULTILINE)
+_STATE_NAMES = {"SUCCEEDED": "succeeded", "FAILED": "failed", "IN_PROGRESS": "unanswered",
+                "WAITING": "not checked", "FROZEN": "not checked"}
+
+
+class TransportFailures:
+    """What made a peer connection's ICE or DTLS transport fail, in words for the caller and the log."""
+
+    def __init__(self, pc: RTCPeerConnection):
+        self._pc = pc
+        self.ice: str | None = None
+        self.dtls: str | None = None
+        self._ice_completed = False
+        self._ssl_error: SSL.Error | None = None
+
+    def on_ice_state(self, ice: aiortc.RTCIceTransport) -> None:
+        if ice.state == "completed":
+            self._ice_completed = True
+        elif ice.state == "failed" and self.ice is None:
+            self.ice = self._ice_cause(ice)
+
+    def on_dtls_state(self, dtls: aiortc.RTCDtlsTransport) -> None:
+        if dtls.state == "connecting":
+            self._keep_ssl_errors(getattr(dtls, "_ssl", None))
+        elif dtls.state == "failed" and self.dtls is None:
+            self.dtls = self._dtls_cause(dtls, sys.exc_info()[1])
+
+    def _keep_ssl_errors(self, ssl: SSL.Connection | None) -> None:
+        """Keep the first SSL.Error that aiortc's _recv_next would swallow (see above)."""
+        recv = getattr(ssl, "recv", None)
+        if recv is None:
+            raise AiortcChanged(f"aiortc {aiortc.__version__}'s RTCDtlsTransport has no _ssl when connecting")
+
+        def recv_keeping_errors(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return recv(*args, **kwargs)
+            except SSL.Error as exc:
+                if self._ssl_error is None and _ssl_reasons(exc):
+                    self._ssl_error = exc
+                raise
+
+        ssl.recv = recv_keeping_errors  # type: ignore[method-assign]
+
+    def _ice_cause(self, ice: aiortc.RTCIceTransport) -> str:
+        if self._ice_completed:
+            return "ICE failed: the caller stopped answering ICE consent checks (its network went away)"
+        remote = ice.getRemoteCandidates()
+        if not remote:
+            return "ICE failed: the caller gave no ICE candidates (none in the offer, none trickled)"
+        pairs = getattr(getattr(ice, "_connection", None), "_check_list", None) or []
+        outcome: dict[str, int] = {}
+        for pair in pairs:
+            state = _STATE_NAMES.get(getattr(pair.state, "name", ""), "unknown")
+            outcome[state] = outcome.get(state, 0) + 1
+        checks = ", ".join(f"{count} {state}" for state, count in sorted(outcome.items())) or "none formed"
+        shown = ", ".join(f"{c.type} {c.ip}:{c.port}/{c.protocol}" for c in remote[:4])
+        more = f" and {len(remote) - 4} more" if len(remote) > 4 else ""
+        return (f"ICE failed: no candidate pair succeeded ({len(pairs)} pairs: {checks}) with the caller's "
+                f"candidates {shown}{more}; the caller is unreachable from the server or never answered")
+
+    def _dtls_cause(self, dtls: aiortc.RTCDtlsTransport, exc: BaseException | None) -> str:
+        if isinstance(exc, SSL.Error):
+            return f"DTLS handshake failed: {_ssl_error_text(exc if _ssl_reasons(exc) else self._ssl_error or exc)}"
+        if isinstance(exc, ConnectionError):
+            return "DTLS handshake failed: the ICE connection closed during the handshake"
+        ssl = getattr(dtls, "_ssl", None)
+        certificate = ssl.get_peer_certificate(as_cryptography=True) if ssl is not None else None
+        if certificate is not None:
+            mismatch = self._fingerprint_mismatch(certificate)
+            if mismatch is not None:
+                return mismatch
+            if ssl.get_selected_srtp_profile() in (None, b""):
+                return "DTLS failed: no SRTP protection profile in common with the caller"
+        return "DTLS failed"
+
+    def _fingerprint_mismatch(self, certificate) -> str | None:
+        remote = self._pc.remoteDescription
+        offered = _FINGERPRINT.findall(remote.sdp) if remote is not None else []
+        for algorithm, value in offered:
+            try:
+                actual = aiortc.rtcdtlstransport.certificate_digest(certificate, algorithm.lower())
+            except (KeyError, ValueError):
+                continue
+            if value.upper() != actual:
+                return (f"DTLS failed: the caller's certificate ({algorithm} {actual}) does not match the "
+                        f"a=fingerprint in its offer ({algorithm} {value.upper()})")
+        if not offered:
+            return "DTLS failed: the caller's offer has no a=fingerprint for its certificate"
+        return None
+
+
+def _ssl_reasons(exc: SSL.Error) -> list[str]:
+    """The reasons in pyOpenSSL's error: a list of (library, function, reason) from OpenSSL's queue."""
+    entries = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+    return [entry[2] for entry in entries if isinstance(entry, tuple) and len(entry) == 3 and entry[2]]
+
+
+def _ssl_error_text(exc: SSL.Error) -> str:
+    """OpenSSL's reasons; an alert the peer sent reads "the caller sent the TLS alert ..."."""
+    reasons = _ssl_reasons(exc)
+    if not reasons:
+        return "OpenSSL gave no reason"
+    texts = []
+    for reason in reasons:
+        alert = re.match(r"(?:ssl\w*|tls\w*) alert (.+)", reason)
+        texts.append(f"the caller sent the TLS alert '{alert.group(1)}'" if alert else reason)
+    return "; ".join(texts)
+
+
+def watch_transport_failures(pc: RTCPeerConnection) -> TransportFailures:
+    """Record why `pc`'s ICE or DTLS transport fails. Call it after setRemoteDescription (the transports
+    exist then) and before setLocalDescription (which starts ICE)."""
+    check_version()
+    failures = TransportFailures(pc)
+    transports = [t.receiver.transport for t in pc.getTransceivers()]
+    if pc.sctp is not None:
+        transports.append(pc.sctp.transport)
+    seen: set[int] = set()
+    for dtls in transports:
+        if id(dtls) in seen:
+            continue
+        seen.add(id(dtls))
+        dtls.on("statechange", lambda dtls=dtls: failures.on_dtls_state(dtls))
+        ice = dtls.transport
+        ice.on("statechange", lambda ice=ice: failures.on_ice_state(ice))
+    return failures

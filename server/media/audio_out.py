@@ -148,7 +148,7 @@ class OutboundAudioTrack(MediaStreamTrack):
         self._pushed.clear()
         try:
             await asyncio.wait_for(self._pushed.wait(), self.phase.grace_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         waited = max(time.monotonic() - due, 0.0)
         self._clock_start += waited

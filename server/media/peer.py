@@ -129,6 +129,7 @@ class CallSession:
         self._counted = False
         self._duration_timer: asyncio.TimerHandle | None = None
         self._no_track_timer: asyncio.TimerHandle | None = None
+        self._failures: aiortc_compat.TransportFailures | None = None
         if call.prompt is not None:
             self._spawn(self._announce_prompt())
         self.pc.on("track", self._on_track)
@@ -163,6 +164,7 @@ class CallSession:
         audio = self.pc.addTransceiver("audio", direction="sendrecv")
         audio.setCodecPreferences(OPUS_ONLY)
         await self.pc.setRemoteDescription(offer)
+        self._failures = aiortc_compat.watch_transport_failures(self.pc)  # before ICE starts
         aiortc_compat.tap_audio_receiver(audio.receiver, self.receiver.on_packet)  # aiortc's decoder sees nothing
         aiortc_compat.count_unroutable_rtp(audio.receiver, self.receiver.on_unroutable_packet)
         audio.sender.replaceTrack(self.outbound)
@@ -182,9 +184,7 @@ class CallSession:
 
     def _no_track(self) -> None:
         if self._reader is None and not self._ending:
-            reason = f"no audio track from the caller within {self.media_timeout:g} s"
-            self.send_event(events.Error(reason))
-            self._spawn(self.hang_up(reason, kind="no_media"))
+            self.fail(f"no audio track from the caller within {self.media_timeout:g} s", kind="no_media")
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind != "audio" or self._reader is not None:
@@ -219,8 +219,20 @@ class CallSession:
             self.path = self._media_path()
             if self.observer is not None:
                 self.observer.call_connected(self.path)
-        elif state in ("failed", "closed") and not self._ending:
-            await self.hang_up(f"connection {state}", kind=f"connection_{state}")
+        elif state == "failed" and not self._ending:
+            reason, kind = self._failure_cause()
+            self.fail(reason, kind)
+        elif state == "closed" and not self._ending:
+            await self.hang_up("the caller closed the connection", kind="connection_closed")
+
+    def _failure_cause(self) -> tuple[str, str]:
+        """Why the connection failed, and the metrics kind: ICE first (DTLS cannot start without it)."""
+        failures = self._failures
+        if failures is not None and failures.ice is not None:
+            return failures.ice, "ice_failed"
+        if failures is not None and failures.dtls is not None:
+            return failures.dtls, "dtls_failed"
+        return "connection failed", "connection_failed"
 
     def _media_path(self) -> str:
         """`relay` when the nominated ICE pair goes through TURN on either side, else `direct`."""
@@ -241,12 +253,11 @@ class CallSession:
             while not self._ending:  # checked every turn: a cancel racing a result can be lost in wait_for
                 silent_for = loop.time() - (self.receiver.last_packet_at or watching_since)
                 if silent_for >= self.media_timeout:
-                    reason, kind = f"no audio from the caller for {self.media_timeout:g} s", "no_media"
-                    self.send_event(events.Error(reason))
-                    break
+                    self.fail(f"no audio from the caller for {self.media_timeout:g} s", kind="no_media")
+                    return
                 try:
                     await asyncio.wait_for(track.recv(), self.media_timeout - silent_for)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
                 log.error("session %s: aiortc decoded a frame itself: the receive tap is bypassed", self.session_id)
         except MediaStreamError:
@@ -338,10 +349,26 @@ class CallSession:
         self.send_event(events.Drops(input_frames=drops[0], output_ms=output_ms))
 
     def send_event(self, event: events.Event) -> None:
-        """Send on the `events` channel if it is open (a caller may not have opened one)."""
+        """Send on the `events` channel if it is open (a caller may not have opened one) and its transport
+        still carries it: a channel whose caller's DTLS closed first can still read "open", and aiortc
+        would then fail the send in a task of its own (logged as "Task exception was never retrieved")."""
         channel = self.events
-        if channel is not None and channel.readyState == "open":
-            channel.send(event.to_json())
+        if channel is None or channel.readyState != "open":
+            return
+        sctp = channel.transport
+        if sctp.state != "connected" or sctp.transport.state != "connected":
+            return
+        channel.send(event.to_json())
+
+    def fail(self, reason: str, kind: str) -> None:
+        """End the call for a failure the caller should hear about: logged as a warning with the session,
+        sent as an `error` event when the channel still carries it, then hung up with `reason` (which
+        GET /sessions/{id} keeps showing for a while) and counted under `kind`."""
+        if self._ending:
+            return
+        log.warning("session %s: %s", self.session_id, reason)
+        self.send_event(events.Error(reason))
+        self._spawn(self.hang_up(reason, kind=kind))
 
     # -- ending -------------------------------------------------------------------------------
 
@@ -406,6 +433,7 @@ class CallSession:
             "connection": self.pc.connectionState,
             "ended": self.ended.is_set(),
             "end_reason": self.end_reason,
+            "end_kind": self.end_kind,
             "slot": self.call.slot,
             "frames_in": call.frames_in,
             "frames_out": call.frames_out,
