@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from test_call_e2e import dbfs, tone
 
-from server.media import aiortc_compat
 from server.caller import place_call
+from server.media import aiortc_compat
 
 SETUP = re.compile(r"^a=setup:(\w+)", re.MULTILINE)
 
