@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="relay: the server's peer and the page use TURN relay candidates only")
     serve.add_argument("--ice-host-address", action="append", default=[], metavar="IP",
                        help="offer host candidates only on this local address (repeatable; default: all)")
+    serve.add_argument("--server-stun-turn", action="store_true",
+                       help="with policy all, the server's own peer gathers STUN/TURN candidates too (each answer "
+                            "waits for them, 5 s when one does not answer); for a server behind NAT. Default: "
+                            "host candidates only; relay-only always uses TURN")
     guard = serve.add_argument_group("protection (docs/OPERATIONS.md)")
     guard.add_argument("--api-token", "--whip-token", dest="api_token",
                        default=os.environ.get(API_TOKEN_ENV) or os.environ.get(WHIP_TOKEN_ENV),
@@ -187,6 +191,16 @@ def _first_choice(args: argparse.Namespace) -> str:
     return "tiny-persona" if getattr(args, "voices", None) or args.command == "voice-prompt" else "tiny"
 
 
+def ice_warnings(ice) -> list[str]:
+    """What an operator should know about the ICE servers given: aiortc ignores some of them."""
+    unused = ice.unused_by_aiortc()
+    if not unused:
+        return []
+    return [f"aiortc uses only the first STUN and the first TURN URL: the server's own peer ignores "
+            f"{', '.join(unused)}; callers still get every URL (GET /ice-servers, WHIP Link headers), and "
+            "browsers use them all (docs/DEPLOYMENT.md)"]
+
+
 async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -204,7 +218,14 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     ice = IceConfig(tuple(parse_ice_server(url) for url in args.ice_server), turn_urls=tuple(args.turn_url),
                     turn_secret=args.turn_secret, turn_ttl_s=args.turn_ttl,
-                    relay_only=args.ice_transport_policy == "relay")
+                    relay_only=args.ice_transport_policy == "relay", server_gathers=args.server_stun_turn)
+    try:
+        ice.validate()
+    except ValueError as exc:
+        log.critical("%s", exc)
+        return 2
+    for warning in ice_warnings(ice):
+        log.warning("%s", warning)
     model = _first_choice(args)
     engine = _engine_for(args, model)
     config = SignalingConfig(
