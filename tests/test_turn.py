@@ -79,13 +79,21 @@ async def test_a_wrong_or_expired_credential_fails_the_call_with_a_clear_error(c
     await stop_server(server)
 
 
-async def test_a_server_with_the_wrong_secret_answers_502_and_keeps_nothing(coturn):
-    server = await start_server(create_engine(ModelSource("echo"), max_calls=1),
-                                SignalingConfig(ice=relay_ice(coturn, secret="not-the-secret")))
+@pytest.mark.parametrize("checked", [True, False])
+async def test_a_server_with_the_wrong_secret_refuses_the_offer_and_keeps_nothing(coturn, checked):
+    """With TURN checked (the default) the offer gets 503 at once; without the check, the server's peer
+    finds out in its own gather and the offer gets 502: either way with the reason."""
+    config = SignalingConfig(ice=relay_ice(coturn, secret="not-the-secret"),
+                             turn_check_interval_s=30.0 if checked else None)
+    server = await start_server(create_engine(ModelSource("echo"), max_calls=1), config)
     caller_ice = IceConfig(turn_urls=(coturn.url,), turn_secret=SECRET)  # the caller's own relay works
     with pytest.raises(Exception) as refused:
         await place_call(server.url, tone(440, 1.0), relay_only=True, ice=caller_ice)
-    assert getattr(refused.value, "status", None) == 502
-    assert "no TURN relay candidate" in refused.value.message
+    if checked:
+        assert getattr(refused.value, "status", None) == 503
+        assert "TURN is unauthorized" in refused.value.message and "401" in refused.value.message
+    else:
+        assert getattr(refused.value, "status", None) == 502
+        assert "no TURN relay candidate" in refused.value.message
     assert not server.service.sessions and server.engine.free_slots == 1
     await stop_server(server)
