@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from aioice import stun
 from aioice.turn import create_turn_endpoint
 
-from .ice import IceConfig
+from .ice import IceConfig, TurnTarget
 
 log = logging.getLogger(__name__)
 
@@ -58,35 +58,47 @@ class _Relay(asyncio.DatagramProtocol):
             self.closed.set_result(None)
 
 
-async def check_turn(ice: IceConfig, timeout_s: float = 3.0) -> TurnState | None:
-    """Allocate and delete one relay on the TURN server the server's peer would use; None: no TURN set."""
+async def check_turn(ice: IceConfig, timeout_s: float = 3.0, attempts: int = 2) -> TurnState | None:
+    """Allocate and delete one relay on the TURN server the server's peer would use; None: no TURN set.
+    A TURN error answer is retried once from a fresh socket (coturn answers a rare 438 Wrong nonce to a
+    first attempt); no answer at all is not, it has already waited `timeout_s`."""
     target = ice.turn_target(CHECK_NAME)
     if target is None:
         return None
     started = time.monotonic()
-    outcome, detail = "ok", ""
+    for attempt in range(attempts):
+        outcome, detail = await _allocate_once(target, timeout_s)
+        if outcome in ("ok", "unreachable") or attempt == attempts - 1:
+            break
+        log.info("TURN check attempt %d: %s: %s; trying again", attempt + 1, outcome, detail)
+    return TurnState(url=target.url, outcome=outcome, detail=detail, checked_at=time.time(),
+                     seconds=time.monotonic() - started)
+
+
+async def _allocate_once(target: TurnTarget, timeout_s: float) -> tuple[str, str]:
     try:
         transport, relay = await asyncio.wait_for(
             create_turn_endpoint(_Relay, target.address, target.username, target.password, lifetime=60,
                                  ssl=target.ssl, transport=target.transport),
             timeout_s)
-        detail = "relay at {}:{}".format(*transport.get_extra_info("sockname"))
-        transport.close()  # deletes the allocation (a REFRESH with lifetime 0), then closes the socket
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(relay.closed, timeout_s)
     except asyncio.TimeoutError:
-        outcome, detail = "unreachable", f"no answer from {target.url} within {timeout_s:g} s"
+        return "unreachable", f"no answer from {target.url} within {timeout_s:g} s"
     except stun.TransactionFailed as exc:
         code, text = exc.response.attributes.get("ERROR-CODE", (0, "no error code"))
-        outcome = "unauthorized" if code in (401, 403) else "refused"
-        hint = " (check --turn-secret against coturn's static-auth-secret)" if outcome == "unauthorized" else ""
-        detail = f"{target.url} answered {code} {text}{hint}"
+        text = text.rstrip("\x00")
+        if code in (401, 403):
+            return "unauthorized", f"{target.url} answered {code} {text} (check --turn-secret against coturn's " \
+                                   "static-auth-secret, or the static TURN password)"
+        return "refused", f"{target.url} answered {code} {text}"
     except stun.TransactionTimeout:
-        outcome, detail = "unreachable", f"no answer from {target.url}"
+        return "unreachable", f"no answer from {target.url}"
     except OSError as exc:  # DNS failure, TCP connection refused, no route
-        outcome, detail = "unreachable", f"{target.url}: {type(exc).__name__}: {exc}"
-    return TurnState(url=target.url, outcome=outcome, detail=detail, checked_at=time.time(),
-                     seconds=time.monotonic() - started)
+        return "unreachable", f"{target.url}: {type(exc).__name__}: {exc}"
+    detail = "relay at {}:{}".format(*transport.get_extra_info("sockname"))
+    transport.close()  # deletes the allocation (a REFRESH with lifetime 0), then closes the socket
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(relay.closed, timeout_s)
+    return "ok", detail
 
 
 class TurnMonitor:
