@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("--public-url", default=None, metavar="URL",
                        help="this replica's own URL (e.g. https://pod-0.calls.example.org): WHIP Location and "
                             "session_url are absolute on it, so a call's later requests come straight here")
+    serve.add_argument("--server-stun-turn", action="store_true",
+                       help="with policy all, the server's own peer gathers STUN/TURN candidates too (each answer "
+                            "waits for them, 5 s when one does not answer); for a server behind NAT. Default: "
+                            "host candidates only; relay-only always uses TURN")
     guard = serve.add_argument_group("protection (docs/OPERATIONS.md)")
     guard.add_argument("--api-token", "--whip-token", dest="api_token",
                        default=os.environ.get(API_TOKEN_ENV) or os.environ.get(WHIP_TOKEN_ENV),
@@ -205,6 +209,16 @@ def _replica_id(text: str) -> str:
     return text
 
 
+def ice_warnings(ice) -> list[str]:
+    """What an operator should know about the ICE servers given: aiortc ignores some of them."""
+    unused = ice.unused_by_aiortc()
+    if not unused:
+        return []
+    return [f"aiortc uses only the first STUN and the first TURN URL: the server's own peer ignores "
+            f"{', '.join(unused)}; callers still get every URL (GET /ice-servers, WHIP Link headers), and "
+            "browsers use them all (docs/DEPLOYMENT.md)"]
+
+
 async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -222,7 +236,14 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     ice = IceConfig(tuple(parse_ice_server(url) for url in args.ice_server), turn_urls=tuple(args.turn_url),
                     turn_secret=args.turn_secret, turn_ttl_s=args.turn_ttl,
-                    relay_only=args.ice_transport_policy == "relay")
+                    relay_only=args.ice_transport_policy == "relay", server_gathers=args.server_stun_turn)
+    try:
+        ice.validate()
+    except ValueError as exc:
+        log.critical("%s", exc)
+        return 2
+    for warning in ice_warnings(ice):
+        log.warning("%s", warning)
     model = _first_choice(args)
     engine = _engine_for(args, model)
     config = SignalingConfig(

@@ -39,7 +39,8 @@ async def _serve(index: int, engine_path: str, config, host_addresses: list[str]
 
     use_host_addresses(host_addresses)
     config = dataclasses.replace(config, session_id_prefix=config.session_id_prefix + session_prefix(index),
-                                 api_token=None, cors_origins=(), max_offers_per_minute=0)
+                                 api_token=None, cors_origins=(), max_offers_per_minute=0,
+                                 turn_check_interval_s=None)  # the front checks TURN
     engine = RemoteEngine(engine_path)
     service = SignalingService(engine, config)
     runner = web.AppRunner(service.app(), access_log=None)

@@ -4,7 +4,8 @@
     DELETE /sessions/{id}     hang a call up                       -> 200 {"session_id", "ended": true}
     GET    /sessions/{id}     a call's live figures                -> 200 JSON
     GET    /healthz           alive: 200, or 503 once the model's device has failed (restart the process)
-    GET    /readyz            ready for a call: warm, a slot free, the device answers; else 503 and why
+    GET    /readyz            ready for a call: warm, a slot free, the device answers (and, relay-only, TURN
+                              allocates); else 503 and why
     GET    /metrics           Prometheus metrics (signaling.metrics)
     GET    /status            model, test-model flag, free call slots
     GET    /ice-servers       the STUN/TURN servers clients should use: {"iceServers": [...]}
@@ -37,6 +38,7 @@ from aiortc import RTCSessionDescription
 from server.engine import Engine, EngineFull, EngineNotReady
 from server.media.ice import IceConfig
 from server.media.peer import CallSession, RelayUnavailable
+from server.media.turn_check import TurnMonitor
 from server.media.workers import MediaWorkers
 from server.model.persona import Persona, PersonaError
 
@@ -44,7 +46,7 @@ from .ended import EndedSessions
 from .errors import SessionRefused, json_error
 from .forward import CallForwarder, WorkerTotals, merge_expositions
 from .guards import OfferRateLimit, cors_middleware, token_middleware
-from .metrics import CONTENT_TYPE, METRICS_KEY, ServiceMetrics
+from .metrics import CONTENT_TYPE, METRICS_KEY, ServiceMetrics, TurnTotals
 from .offer_check import MAX_BODY_BYTES, OfferRejected, parse_offer_json
 from .whip import WhipEndpoint
 
@@ -76,6 +78,9 @@ class SignalingConfig:
     public_url: str | None = None  # this replica's own URL: WHIP Location and `session_url` are absolute
     ended_sessions_kept: int = 256  # ended calls whose summary GET /sessions/{id} still shows ...
     ended_session_keep_s: float = 300.0  # ... for this long
+    turn_check_interval_s: float | None = 30.0  # a TURN Allocate this often (None: never; media workers don't)
+    turn_check_retry_s: float = 5.0  # ... and this often while it fails
+    turn_check_timeout_s: float = 3.0  # no answer in this long: TURN is unreachable
 
 
 class SignalingService:
@@ -87,9 +92,14 @@ class SignalingService:
         self.ended = EndedSessions(self.config.ended_sessions_kept, self.config.ended_session_keep_s)
         self.metrics = ServiceMetrics(lambda: self.engine, lambda: list(self.sessions.values()))
         self.workers = workers
-        self.forwarder = CallForwarder(workers, self._refusal) if workers is not None else None
+        self.forwarder = CallForwarder(workers, gate=self.admission_refusal) if workers is not None else None
         if workers is not None:
             self.metrics.registry.register(WorkerTotals(workers))
+        self.turn: TurnMonitor | None = None
+        if self.config.turn_check_interval_s is not None:
+            self.turn = TurnMonitor(self.config.ice, interval_s=self.config.turn_check_interval_s,
+                                    retry_s=self.config.turn_check_retry_s, timeout_s=self.config.turn_check_timeout_s)
+            self.metrics.registry.register(TurnTotals(self.turn))
         self.use_engine(engine)
         self._device_checked_at = 0.0
         self._device_ok = True
@@ -118,7 +128,16 @@ class SignalingService:
         app.router.add_get("/", self.index)
         app.router.add_static("/web/", self.config.web_dir)
         app.on_shutdown.append(self._hang_up_all)
+        if self.turn is not None:
+            app.on_startup.append(self._start_turn_checks)
+            app.on_cleanup.append(self._stop_turn_checks)
         return app
+
+    async def _start_turn_checks(self, app: web.Application) -> None:
+        self.turn.start()
+
+    async def _stop_turn_checks(self, app: web.Application) -> None:
+        await self.turn.stop()
 
     def use_engine(self, engine: Engine) -> None:
         """Serve calls from `engine` (the CLI swaps in the tiny model when the real one fails to load)."""
@@ -151,9 +170,9 @@ class SignalingService:
         """Check the persona, take a slot, make the peer, answer. Raises SessionRefused, leaving no peer
         and no slot behind. A model that takes a persona gets the caller's, or its default one."""
         retry = {"Retry-After": str(self.config.retry_after_s)}
-        refusal = self._refusal()
+        refusal = await self.admission_refusal()
         if refusal is not None:
-            raise SessionRefused(*refusal)
+            raise refusal
         try:
             plan = None
             if persona is not None or self.engine.prompt_book is not None:
@@ -199,13 +218,14 @@ class SignalingService:
         path = f"/{kind}/{session_id}"
         return self.config.public_url.rstrip("/") + path if self.config.public_url else path
 
-    def _refusal(self) -> tuple[int, str, dict[str, str]] | None:
-        """Why a new call is refused before anything is made for it (None: go ahead)."""
+    async def admission_refusal(self) -> SessionRefused | None:
+        """Why a new call is refused before anything is made for it (draining, or relay-only with TURN
+        down), or None: go ahead. The front asks it for its workers too."""
         if self.draining:
             self.metrics.rejected("draining")
-            return 503, "this server is restarting and takes no new calls; try again", {
-                "Retry-After": str(self.config.retry_after_s)}
-        return None
+            return SessionRefused(503, "this server is restarting and takes no new calls; try again",
+                                  {"Retry-After": str(self.config.retry_after_s)})
+        return await self.relay_refusal()
 
     def calls_in_progress(self) -> int:
         return len(self.sessions) if self.workers is None else self.workers.host.calls_held()
@@ -225,6 +245,27 @@ class SignalingService:
             log.warning("drain time is up: ending %d call(s) (server_restart)", left)
         await self.end_all_calls(SERVER_RESTART, kind=SERVER_RESTART)
         return left
+
+    async def relay_refusal(self) -> SessionRefused | None:
+        """Relay-only with TURN known to be down: refuse at once (and count it), instead of letting the
+        server's peer wait out its gather for a relay that cannot come. Waits for the first check, if
+        it is still under way (at most its timeout)."""
+        if not self.config.ice.relay_only or self.turn is None:
+            return None
+        state = await self.turn.settled()
+        if state is None or state.up:
+            return None
+        message = f"relay-only calls need TURN, and TURN is {state.outcome}: {state.detail}; try again shortly"
+        log.warning("offer refused: %s", message)
+        self.metrics.rejected("no_relay")
+        return SessionRefused(503, message, {"Retry-After": str(round(self.config.turn_check_retry_s))})
+
+    def _turn_down(self) -> str | None:
+        """Why relay-only calls cannot be placed now (TURN's last check failed), or None."""
+        if not self.config.ice.relay_only or self.turn is None or self.turn.state is None or self.turn.state.up:
+            return None
+        state = self.turn.state
+        return f"relay-only calls need TURN, and TURN is {state.outcome}: {state.detail}"
 
     def _forget(self, session: CallSession) -> None:
         """A call ended: out of the live calls, its summary kept a while (a refused offer was never in)."""
@@ -281,11 +322,15 @@ class SignalingService:
             reason = f"all {engine.batch_size} call slots are busy"
         elif self.workers is not None and not self.workers.alive():
             reason = "no media worker is running"
+        elif (turn_down := self._turn_down()) is not None:
+            reason = turn_down
         elif not await self._device_answers():
             reason = "the model's device did not answer a test operation within 2 s"
+        turn = {"turn": self.turn.describe()} if self.turn is not None and self.turn.enabled else {}
         if reason is not None:
-            return web.json_response({"ready": False, "reason": reason}, status=503, headers={"Retry-After": "2"})
-        return web.json_response({"ready": True, "free_slots": engine.free_slots})
+            return web.json_response({"ready": False, "reason": reason, **turn}, status=503,
+                                     headers={"Retry-After": "2"})
+        return web.json_response({"ready": True, "free_slots": engine.free_slots, **turn})
 
     async def _device_answers(self) -> bool:
         """Run a tiny operation on the model's device between steps; at most once a second."""
@@ -321,6 +366,7 @@ class SignalingService:
             "active_sessions": len(self.sessions) if self.workers is None else self.workers.host.calls_held(),
             "media_workers": None if self.workers is None else len(self.workers.alive()),
             "engine": self.engine.stats.summary(),
+            "turn": self.turn.describe() if self.turn is not None else None,
         })
 
     async def ice_servers(self, request: web.Request) -> web.Response:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from server.media.workers import MediaWorkers, WorkerProcess
 
-from .errors import json_error
+from .errors import SessionRefused, json_error
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,12 @@ ENGINE_METRICS = {"moshi_input_frames_dropped", "moshi_engine_steps", "moshi_eng
 
 
 class CallForwarder:
-    def __init__(self, workers: MediaWorkers, refusal: Callable[[], tuple[int, str, dict] | None] = lambda: None,
-                 timeout_s: float = 30.0):
-        """`refusal`: the front's reason to refuse a new call before any worker sees it (draining)."""
+    def __init__(self, workers: MediaWorkers, timeout_s: float = 30.0,
+                 gate: Callable[[], Awaitable[SessionRefused | None]] | None = None):
+        """`gate`: asked before a new call is forwarded; a refusal goes back as it is (relay-only with
+        TURN down: the front knows, its workers do not check TURN themselves)."""
         self.workers = workers
-        self.refusal = refusal
+        self.gate = gate
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._http: aiohttp.ClientSession | None = None
 
@@ -61,9 +62,8 @@ class CallForwarder:
         return self._http
 
     async def new_call(self, request: web.Request) -> web.Response:
-        refusal = self.refusal() if request.method == "POST" else None
-        if refusal is not None:
-            return json_error(*refusal)
+        if request.method == "POST" and self.gate is not None and (refused := await self.gate()) is not None:
+            return json_error(refused.status, refused.message, refused.headers)
         worker = self.workers.pick()
         if worker is None:
             return json_error(503, "no media worker is running; try again shortly", {"Retry-After": "2"})

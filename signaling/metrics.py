@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.engine import Engine
+from server.media.turn_check import OUTCOMES, TurnMonitor
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 METRICS_KEY: web.AppKey[ServiceMetrics] = web.AppKey("metrics")
@@ -72,6 +73,32 @@ class _EngineTotals(Collector):
         yield GaugeMetricFamily("moshi_call_slots_free", "Call slots free now", value=free)
         yield GaugeMetricFamily("moshi_engine_ready", "1 when warm and the device is usable",
                                 value=1.0 if engine.ready and engine.fatal is None else 0.0)
+
+
+class TurnTotals(Collector):
+    """The TURN checks' outcomes (server.media.turn_check), read at scrape time; nothing without TURN."""
+
+    def __init__(self, monitor: TurnMonitor):
+        self.monitor = monitor
+
+    def collect(self) -> Iterable:
+        if not self.monitor.enabled:
+            return
+        state = self.monitor.state
+        if state is not None:
+            yield GaugeMetricFamily("moshi_turn_up", "1 when the last TURN Allocate with the server's credentials "
+                                    "succeeded", value=1.0 if state.up else 0.0)
+            outcome = GaugeMetricFamily("moshi_turn_state", "The last TURN check's outcome (1 for the current one)",
+                                        labels=["outcome"])
+            for name in OUTCOMES:
+                outcome.add_metric([name], 1.0 if state.outcome == name else 0.0)
+            yield outcome
+            yield GaugeMetricFamily("moshi_turn_check_seconds", "How long the last TURN check took (or waited)",
+                                    value=state.seconds)
+        checks = CounterMetricFamily("moshi_turn_checks", "TURN checks, by outcome", labels=["outcome"])
+        for name in OUTCOMES:
+            checks.add_metric([name], self.monitor.checks[name])
+        yield checks
 
 
 class ServiceMetrics:

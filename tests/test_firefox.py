@@ -66,7 +66,7 @@ async def until(condition, what: str) -> None:
 
     try:
         await asyncio.wait_for(check(), HANG_GUARD_S)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise AssertionError(f"still waiting for {what} after {HANG_GUARD_S} s") from None
 
 

@@ -80,21 +80,32 @@ async def test_a_wrong_or_expired_credential_fails_the_call_with_a_clear_error(c
     await stop_server(server)
 
 
-async def test_a_server_with_the_wrong_secret_answers_502_and_keeps_nothing(coturn, caplog):
-    server = await start_server(create_engine(ModelSource("echo"), max_calls=1),
-                                SignalingConfig(ice=relay_ice(coturn, secret="not-the-secret")))
+@pytest.mark.parametrize("checked", [True, False])
+async def test_a_server_with_the_wrong_secret_refuses_the_offer_and_keeps_nothing(coturn, checked, caplog):
+    """With TURN checked (the default) the offer gets 503 at once; without the check, the server's peer
+    finds out in its own gather and the offer gets 502: either way with the reason."""
+    config = SignalingConfig(ice=relay_ice(coturn, secret="not-the-secret"),
+                             turn_check_interval_s=30.0 if checked else None)
+    server = await start_server(create_engine(ModelSource("echo"), max_calls=1), config)
     caller_ice = IceConfig(turn_urls=(coturn.url,), turn_secret=SECRET)  # the caller's own relay works
     with pytest.raises(Exception) as refused:
         await place_call(server.url, tone(440, 1.0), relay_only=True, ice=caller_ice)
-    assert getattr(refused.value, "status", None) == 502
-    assert "no TURN relay candidate" in refused.value.message
+    if checked:
+        assert getattr(refused.value, "status", None) == 503
+        assert "TURN is unauthorized" in refused.value.message and "401" in refused.value.message
+    else:
+        assert getattr(refused.value, "status", None) == 502
+        assert "no TURN relay candidate" in refused.value.message
     assert not server.service.sessions and server.engine.free_slots == 1
+    found = samples(server.service.metrics.render().decode())
+    assert found[("moshi_calls_rejected_total", (("reason", "no_relay"),))] == 1
+    if checked:  # refused before any peer was made: nothing to read under a session id
+        await stop_server(server)
+        return
     # Said at WARNING with the session's id, counted, and readable for a while under that id.
     session_id = refused.value.session_id
     assert any(r.levelname == "WARNING" and session_id in r.getMessage() and "no TURN relay" in r.getMessage()
                for r in caplog.records)
-    found = samples(server.service.metrics.render().decode())
-    assert found[("moshi_calls_rejected_total", (("reason", "no_relay"),))] == 1
     async with aiohttp.ClientSession() as http, http.get(f"{server.url}/sessions/{session_id}") as response:
         summary = await response.json()
     assert response.status == 200 and summary["end_kind"] == "no_relay"

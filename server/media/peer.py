@@ -103,7 +103,7 @@ class CallSession:
         self.media_timeout = media_timeout
         self.relay_only = ice.relay_only
         aiortc_compat.allow_rsa_dtls_peers()  # before the peer connection makes its DTLS contexts
-        self.pc = RTCPeerConnection(ice.rtc_configuration(session_id))
+        self.pc = RTCPeerConnection(ice.server_rtc_configuration(session_id))  # no STUN/TURN wait unless relay-only
         self.outbound = OutboundAudioTrack(sample_rate=engine.sample_rate, max_buffer_ms=max_output_buffer_ms,
                                            max_standing_ms=max_standing_ms, align_to_pushes=True)
         self.receiver = AudioReceiver(self._on_inbound_frame, sample_rate=engine.sample_rate,
