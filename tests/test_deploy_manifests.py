@@ -234,7 +234,7 @@ def test_the_server_and_coturn_share_the_turn_secret_and_the_server_gets_its_tok
     _, objects = deployment
     _, container = server_container(objects)
     env = {item["name"]: item.get("valueFrom", {}) for item in container["env"]}
-    turn_env = cli_env_name("server/turn.py", "TURN_SECRET_ENV")
+    turn_env = cli_env_name("server/media/turn.py", "TURN_SECRET_ENV")
     token_env = cli_env_name("server/cli.py", "API_TOKEN_ENV")
     assert "secretKeyRef" in env[turn_env] and "secretKeyRef" in env[token_env]
     coturn = one(objects, "Deployment", "coturn")["spec"]["template"]["spec"]
