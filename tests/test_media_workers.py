@@ -14,6 +14,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import aiohttp
@@ -63,17 +65,18 @@ async def stop_front(front: Front) -> None:
 class Caller:
     """A real aiortc caller sending a steady tone; `heard(n)` resolves once n loud reply frames came back."""
 
-    def __init__(self):
+    def __init__(self, hz: float = 440.0):
         self.pc = RTCPeerConnection(IceConfig().rtc_configuration())
         self.voice = OutboundAudioTrack(sample_rate=48000, max_buffer_ms=60_000)
         t = np.arange(48000 * 50) / 48000
-        self.voice.push((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32))
+        self.voice.push((0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32))
         self.pc.addTrack(self.voice)
         self.events: list[dict] = []
         self.ended = asyncio.Event()
         channel = self.pc.createDataChannel("events")
         channel.on("message", self._on_event)
         self.loud = 0
+        self.loud_audio: list[np.ndarray] = []  # 20 ms chunks of the reply, at 24 kHz, above the noise
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self.pc.on("track", lambda track: asyncio.ensure_future(self._listen(track)))
         self.session_id = ""
@@ -92,6 +95,7 @@ class Caller:
                 for chunk in inbound.push(await track.recv()):
                     if float(np.sqrt(np.mean(chunk**2))) > 0.05:
                         self.loud += 1
+                        self.loud_audio.append(chunk)
                         for waiter in [w for w in self._waiters if self.loud >= w[0]]:
                             self._waiters.remove(waiter)
                             waiter[1].set_result(None)
@@ -231,3 +235,63 @@ async def test_when_the_engine_process_dies_every_call_ends_with_the_reason_and_
         if server.poll() is None:
             server.kill()
         server.wait()
+
+
+def dominant_hz(chunks: list[np.ndarray], rate: int = 24000) -> float:
+    audio = np.concatenate(chunks)
+    spectrum = np.abs(np.fft.rfft(audio * np.hanning(len(audio))))
+    return float(np.fft.rfftfreq(len(audio), 1 / rate)[int(np.argmax(spectrum))])
+
+
+async def test_callers_on_different_workers_each_hear_only_their_own_voice():
+    front = await start_front(max_calls=4, worker_count=2)
+    tones = [330.0, 440.0, 550.0, 660.0]
+    callers = [Caller(hz) for hz in tones]
+    try:
+        async with aiohttp.ClientSession() as http:
+            await answered(http, front, callers)
+            assert sorted(c.session_id.split(".")[0] for c in callers) == ["w0", "w0", "w1", "w1"]
+            await asyncio.wait_for(asyncio.gather(*(c.heard(40) for c in callers)), 120)
+        for caller, hz in zip(callers, tones, strict=True):
+            assert abs(dominant_hz(caller.loud_audio[-40:]) - hz) < 15, (hz, caller.session_id)
+    finally:
+        for caller in callers:
+            await caller.pc.close()
+        await stop_front(front)
+
+
+async def test_a_slow_model_drops_frames_for_calls_in_workers_says_so_and_the_call_recovers():
+    """The engine (in the front) falls behind: the delay stays bounded by dropping the oldest frames, the
+    caller in a worker is told (`drops`), and once the model keeps pace again the call goes on."""
+    front = await start_front(max_calls=1, worker_count=1)
+    stepper = front.workers.engine.stepper
+    original_step = stepper.step
+    slow = threading.Event()
+
+    def step(frames, rows, prompts=None):  # the inference thread: 200 ms per 80 ms frame while slow
+        if slow.is_set():
+            time.sleep(0.2)
+        return original_step(frames, rows, prompts)
+
+    stepper.step = step
+    caller = Caller()
+    try:
+        async with aiohttp.ClientSession() as http:
+            await answered(http, front, [caller])
+            await asyncio.wait_for(caller.heard(10), 60)
+            slow.set()
+            await asyncio.wait_for(_until(lambda: any(e["type"] == "drops" for e in caller.events)), 60)
+            slow.clear()
+            await asyncio.wait_for(caller.heard(25), 60)  # 0.5 s more of its voice back: the call recovered
+            async with http.get(f"{front.url}/sessions/{caller.session_id}") as response:
+                summary = await response.json()
+        assert summary["frames_dropped"] > 0 and not summary["ended"]
+        assert front.workers.engine.stats.frames_dropped == summary["frames_dropped"]
+    finally:
+        await caller.pc.close()
+        await stop_front(front)
+
+
+async def _until(condition) -> None:
+    while not condition():
+        await asyncio.sleep(0.05)
