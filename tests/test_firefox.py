@@ -18,11 +18,9 @@ pytestmark = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 
 HANG_GUARD_S = 60  # a guard against a hang, not a timing under test
 
-# The page's Hang up sends DELETE /sessions/{id} without waiting and closes its peer connection at once.
-# Firefox's close() sends an RTCP BYE that usually reaches the server before the DELETE does, so the
-# session ends as "caller's audio ended" (caller_gone) more often than as "hung up"; both are the caller's
-# hang-up. A broken hang-up would end it by the media timeout (no_media) instead.
-PAGE_HANG_UP = {"hung_up", "caller_gone"}
+# The page's Hang up sends DELETE /sessions/{id} and waits for it before closing its peer connection
+# (whose RTCP BYE would otherwise reach the server first and end the call as a vanished caller).
+PAGE_HANG_UP = {"hung_up"}
 
 # The dominant frequency of a MediaStream (a JavaScript expression naming it), heard through a WebAudio
 # analyser: waits until the stream carries sound (a spectral peak over -60 dBFS), then returns the

@@ -127,7 +127,9 @@ async function startCall() {
   ui.transcript.textContent = "";
   say("Asking for the microphone…");
   audioContext = audioContext || new AudioContext();
-  await audioContext.resume();
+  // Without a sound device (a headless browser, a machine with none) resume() may never settle: the call
+  // goes ahead after a moment, with silent meters, rather than hanging at "Asking for the microphone".
+  await Promise.race([audioContext.resume(), new Promise((resolve) => setTimeout(resolve, 2000))]);
   const thisCall = new Call({ persona: chosenPersona() });
   call = thisCall;
   window.moshiCall = thisCall; // for debugging and automated checks

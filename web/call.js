@@ -142,7 +142,11 @@ export class Call extends EventTarget {
     if (this.ended) return;
     this.ended = true;
     if (this.sessionId) {
-      apiFetch(`/sessions/${this.sessionId}`, { method: "DELETE" }).catch(() => {});
+      // Say goodbye before closing: a closed peer connection sends RTCP BYE at once, and the server
+      // would count the call as a vanished caller. keepalive lets the request outlive a closing page;
+      // a slow server does not hold the hang-up for more than a second.
+      const goodbye = apiFetch(`/sessions/${this.sessionId}`, { method: "DELETE", keepalive: true }).catch(() => {});
+      await Promise.race([goodbye, new Promise((resolve) => setTimeout(resolve, 1000))]);
     }
     this.close();
     this.emit("ended", reason);
