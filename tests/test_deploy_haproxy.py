@@ -1,6 +1,7 @@
 """The shipped HAProxy configuration (deploy/haproxy/haproxy.cfg) parses, as shipped and with a test's own
 ports, and keeps the rules the replicas rely on. Independent of the server package: it reads one file and
-runs `haproxy -c`. The balancer's behaviour with real replicas is tested end to end elsewhere."""
+runs `haproxy -c`. The balancer's behaviour with real replicas is tested end to end in
+tests/test_haproxy_balancer.py."""
 
 from __future__ import annotations
 
