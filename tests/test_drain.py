@@ -91,6 +91,11 @@ async def test_session_ids_carry_the_replica_and_whip_location_is_its_public_url
         session_id = location.rsplit("/", 1)[1]
         async with http.delete(f"{server.url}/whip/{session_id}") as response:
             assert response.status == 200
+        async with http.post(server.url + "/offer", json={"sdp": offer_sdp, "type": "offer"}) as response:
+            body = await response.json()
+        assert body["session_url"] == f"https://r2.calls.example.org/sessions/{body['session_id']}"
+        async with http.delete(f"{server.url}/sessions/{body['session_id']}") as response:
+            assert response.status == 200
     assert session_id not in server.service.sessions
 
 

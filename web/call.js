@@ -57,6 +57,7 @@ export class Call extends EventTarget {
     this.pc = null;
     this.mic = null;
     this.sessionId = null;
+    this.sessionUrl = null; // where the call's own requests go: this origin, or its replica's public URL
     this.remoteStream = null;
     this.ended = false;
   }
@@ -112,6 +113,7 @@ export class Call extends EventTarget {
       throw new CallError(body.error || `The server refused the call (${response.status}).`);
     }
     this.sessionId = body.session_id;
+    this.sessionUrl = body.session_url || `/sessions/${body.session_id}`;
     await this.pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
   }
 
@@ -145,7 +147,7 @@ export class Call extends EventTarget {
       // Say goodbye before closing: a closed peer connection sends RTCP BYE at once, and the server
       // would count the call as a vanished caller. keepalive lets the request outlive a closing page;
       // a slow server does not hold the hang-up for more than a second.
-      const goodbye = apiFetch(`/sessions/${this.sessionId}`, { method: "DELETE", keepalive: true }).catch(() => {});
+      const goodbye = apiFetch(this.sessionUrl, { method: "DELETE", keepalive: true }).catch(() => {});
       await Promise.race([goodbye, new Promise((resolve) => setTimeout(resolve, 1000))]);
     }
     this.close();
