@@ -387,4 +387,8 @@ def test_haproxy_accepts_the_routers_config(tmp_path):
     path.write_text(router_config(router_objects()))
     checked = subprocess.run([HAPROXY, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "[WARNING]" not in checked.stdout + checked.stderr
+    # The router reads the pod's resolv.conf; where this machine's nameserver cannot be reached (the
+    # suite's loopback-only namespace) haproxy warns about that, which says nothing about the config.
+    warnings = [line for line in (checked.stdout + checked.stderr).splitlines()
+                if "[WARNING]" in line and "can't connect socket for nameserver" not in line]
+    assert not warnings, checked.stdout + checked.stderr
