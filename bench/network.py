@@ -56,12 +56,22 @@ def random_loss(fraction: float, seed: int) -> Rule:
 
 def jitter(base_s: float, spread_s: float, seed: int) -> Rule:
     rng = random.Random(seed)
-    return lambda index: base_s + rng.uniform(0, spread_s)  # reordering happens when spread > 20 ms
+
+    def late(index: int) -> float:
+        return base_s + rng.uniform(0, spread_s)  # reordering happens when spread > 20 ms
+
+    late.path_delay_s = base_s + spread_s / 2  # RTCP, STUN and DTLS take the path's mean delay (net_relay)
+    return late
 
 
 def lossy_jitter(fraction: float, base_s: float, spread_s: float, seed: int) -> Rule:
     lossy, late = random_loss(fraction, seed), jitter(base_s, spread_s, seed + 100)
-    return lambda index: None if lossy(index) is None else late(index)
+
+    def lossy_late(index: int) -> float | None:
+        return None if lossy(index) is None else late(index)
+
+    lossy_late.path_delay_s = late.path_delay_s
+    return lossy_late
 
 
 def conditions(seconds: float) -> dict[str, tuple[Rule, Rule]]:

@@ -8,7 +8,10 @@ the server learns the caller as a peer-reflexive candidate at port B. Only
 media packets (RTP, not RTCP, STUN or DTLS) are impaired, per direction:
 `up` is caller -> server, `down` server -> caller. A rule sees each media
 packet's index (0, 1, ...) in its direction and returns the extra delay in
-seconds, or None to drop it.
+seconds, or None to drop it. A rule that models a longer path says so in a
+`path_delay_s` attribute: the other packets (RTCP, STUN, DTLS) are delayed by
+that much, never lost, so round-trip times measured over RTCP see the path as
+they would on a real network.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ class UdpRelay:
             self._pass(self.down, data, self._caller_side, self.caller_address)
 
     def _pass(self, direction: Direction, data: bytes, side: _Side, to: tuple) -> None:
-        delay = 0.0
+        delay = getattr(direction.rule, "path_delay_s", 0.0)
         if is_media(data):
             index = direction.media
             direction.media += 1
