@@ -84,18 +84,25 @@ def errors_logged(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+
+async def assert_audio_both_ways(firefox, session, mic: str, remote: str, pc: str) -> None:
+    """Firefox's microphone reaches the engine, and the tone Firefox hears back is the tone it sends
+    (`mic`, `remote`, `pc`: JavaScript expressions naming its streams and peer connection)."""
+    await until(lambda: session.call.stats.frames_in >= 25, "2 s of Firefox's audio at the engine")
+    assert session.stats.mean_input_rms > 0.01
+    sent_hz = await firefox.run_async(DOMINANT_HZ, mic)
+    heard_hz = await firefox.run_async(DOMINANT_HZ, remote)
+    assert sent_hz > 100 and abs(heard_hz - sent_hz) < 20, (sent_hz, heard_hz)
+    inbound = await firefox.run_async(INBOUND_AUDIO, pc)
+    assert inbound["packetsReceived"] > 0 and inbound["audioLevel"] > 0.01
+
 async def test_firefox_calls_from_the_page_and_hears_its_own_voice_back(echo_server, firefox):
     session = await call_from_page(firefox, echo_server)
     assert "echo engine" in await firefox.run("return document.getElementById('test-banner').textContent")
     # Firefox's microphone reaches the engine ...
-    await until(lambda: session.call.stats.frames_in >= 25, "2 s of Firefox's audio at the engine")
-    assert session.stats.mean_input_rms > 0.01
-    # ... and comes back: the tone Firefox hears from the server is the tone it sends.
-    sent_hz = await firefox.run_async(DOMINANT_HZ, "window.moshiCall.mic")
-    heard_hz = await firefox.run_async(DOMINANT_HZ, "window.moshiCall.remoteStream")
-    assert sent_hz > 100 and abs(heard_hz - sent_hz) < 20, (sent_hz, heard_hz)
-    inbound = await firefox.run_async(INBOUND_AUDIO, "window.moshiCall.pc")
-    assert inbound["packetsReceived"] > 0 and inbound["audioLevel"] > 0.01
+    # Firefox's microphone reaches the engine and comes back: the tone it hears is the tone it sends.
+    await assert_audio_both_ways(firefox, session, "window.moshiCall.mic", "window.moshiCall.remoteStream",
+                                 "window.moshiCall.pc")
     assert session.summary()["outbound_frames_sent"] > 0
 
     await firefox.run("document.getElementById('hangup').click()")
@@ -156,13 +163,7 @@ async def test_firefox_calls_through_whip(echo_server, firefox):
     ready = await firefox.wait_for("window.whip.events.find((e) => e.type === 'ready')", HANG_GUARD_S)
     assert ready["session_id"] == session.session_id
 
-    await until(lambda: session.call.stats.frames_in >= 25, "2 s of Firefox's audio at the engine")
-    assert session.stats.mean_input_rms > 0.01
-    sent_hz = await firefox.run_async(DOMINANT_HZ, "window.whip.mic")
-    heard_hz = await firefox.run_async(DOMINANT_HZ, "window.whip.remote")
-    assert sent_hz > 100 and abs(heard_hz - sent_hz) < 20, (sent_hz, heard_hz)
-    inbound = await firefox.run_async(INBOUND_AUDIO, "window.whip.pc")
-    assert inbound["packetsReceived"] > 0 and inbound["audioLevel"] > 0.01
+    await assert_audio_both_ways(firefox, session, "window.whip.mic", "window.whip.remote", "window.whip.pc")
 
     status = await firefox.run_async("return (await fetch(window.whip.location, {method: 'DELETE'})).status")
     assert status == 200
