@@ -32,6 +32,8 @@ from server.model.source import ModelSource
 
 WINDOW = 480  # 20 ms at 24 kHz
 END_CONCEALMENT = 5  # the caller stops sending at the end: 100 ms are concealed before the stream pauses
+DEEP_TARGET_S = 1.5  # the receive delay in tests about losses (see `deep_buffer`)
+DEEP_TAIL_S = DEEP_TARGET_S + 0.5  # every slot the caller sent is due before it hangs up
 
 
 @pytest.fixture
@@ -57,9 +59,12 @@ def recorded(monkeypatch):
 
 @pytest.fixture
 def deep_buffer(monkeypatch):
-    """A 300 ms floor on the receive target: on a busy test machine, stalls of the event loop must not
-    turn into losses in tests about losses (the target's adaptation to jitter has tests of its own)."""
-    monkeypatch.setattr(audio_receive, "JitterBuffer", functools.partial(JitterBuffer, min_target_s=0.3))
+    """A fixed, deep receive target: in tests about losses, a stall of the busy test machine must not turn
+    into more losses (the target's adaptation to jitter has tests of its own). Caller, relay and server share
+    one event loop here, so a stall holds the caller's packets back too: they come late, in a burst. A CI
+    run once stalled about 0.6 s against the earlier 300-400 ms target and paused the stream."""
+    monkeypatch.setattr(audio_receive, "JitterBuffer", functools.partial(
+        JitterBuffer, min_target_s=DEEP_TARGET_S, max_target_s=DEEP_TARGET_S, capacity=128))
 
 
 @pytest.fixture
@@ -77,10 +82,12 @@ def quiet_windows(frames: list[np.ndarray], level_dbfs: float = -30.0) -> int:
     return int((rms_db < level_dbfs).sum())
 
 
-async def call_through(server, recorded, relay: UdpRelay | None, seconds: float = 4.0, audio=None, **options):
+async def call_through(server, recorded, relay: UdpRelay | None, seconds: float = 4.0, audio=None,
+                       tail_s: float = 0.3, **options):
+    """The call stays up `tail_s` after its audio: a deep buffer's tail needs it to play out before hang-up."""
     sessions, inputs = recorded
     audio = tone(440, seconds, -20.0) if audio is None else audio
-    recording = await place_call(server.url, audio, tail_s=0.3, sdp=relay, silence_after=False, **options)
+    recording = await place_call(server.url, audio, tail_s=tail_s, sdp=relay, silence_after=False, **options)
     session = sessions[recording.session_id]
     return session, session.receiver.stats, inputs[id(session.call)]
 
@@ -105,7 +112,7 @@ async def test_every_packet_takes_our_path_and_aiortc_decodes_none(server, recor
 async def test_one_lost_packet_is_concealed_counted_and_media_time_stays_exact(server, recorded, deep_buffer):
     relay = await UdpRelay(up=lose(100)).start()
     try:
-        session, stats, frames = await call_through(server, recorded, relay)
+        session, stats, frames = await call_through(server, recorded, relay, tail_s=DEEP_TAIL_S)
     finally:
         relay.close()
     assert relay.up.dropped == 1
@@ -129,7 +136,7 @@ def metric(text: str, name: str) -> float:
 async def test_five_percent_loss_is_concealed_and_the_stream_never_pauses(server, recorded, deep_buffer):
     relay = await UdpRelay(up=lose(*range(30, 1000, 20))).start()
     try:
-        session, stats, frames = await call_through(server, recorded, relay)
+        session, stats, frames = await call_through(server, recorded, relay, tail_s=DEEP_TAIL_S)
     finally:
         relay.close()
     assert relay.up.dropped >= 9
@@ -157,7 +164,7 @@ async def test_a_callers_in_band_fec_restores_lost_packets(server, recorded, dee
     relay = await UdpRelay(up=lose(*range(40, 1000, 10))).start()
     try:
         session, stats, frames = await call_through(server, recorded, relay, audio=speechlike(4.0),
-                                                    fec_loss_percent=20)
+                                                    tail_s=DEEP_TAIL_S, fec_loss_percent=20)
     finally:
         relay.close()
     assert relay.up.dropped >= 15
