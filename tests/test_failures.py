@@ -139,6 +139,42 @@ async def test_an_offer_whose_candidates_nobody_answers_fails_ice_and_says_why(s
     assert f"host 127.0.0.1:{port}/udp" in reason
 
 
+@pytest.fixture
+async def impatient_server():
+    """A short media timeout: the calls below never connect, and that is when they end."""
+    server = await start_server(create_engine(ModelSource("echo"), max_calls=1), SignalingConfig(media_timeout_s=1.5))
+    yield server
+    await stop_server(server)
+
+
+CANDIDATE_LINE = re.compile(r"^a=(candidate:.*|end-of-candidates)\r?\n", re.MULTILINE)
+
+
+async def test_an_offer_without_candidates_ends_at_the_media_timeout_saying_so(impatient_server, caplog):
+    """A client that offers before gathering and never trickles: aioice would wait on it for ever."""
+    pc = caller()
+    session = await offer(impatient_server, pc, lambda sdp: CANDIDATE_LINE.sub("", sdp), apply_answer=False)
+    try:
+        summary = await assert_failed_and_said_why(impatient_server, session, "ice_failed", caplog)
+    finally:
+        await pc.close()
+    assert summary["end_reason"].startswith("the caller sent no ICE candidates in 1.5 s"), summary["end_reason"]
+
+
+async def test_candidates_nobody_answers_end_at_the_media_timeout_as_ice_not_as_silence(impatient_server, caplog):
+    """aioice gives unanswered checks a minute; the call ends at the media timeout, and says it was ICE."""
+    port = closed_udp_port()
+    pc = caller()
+    session = await offer(impatient_server, pc, lambda sdp: CANDIDATE_PORT.sub(
+        lambda m: f"{m.group(1)}{port}{m.group(3)}", sdp), apply_answer=False)
+    try:
+        summary = await assert_failed_and_said_why(impatient_server, session, "ice_failed", caplog)
+    finally:
+        await pc.close()
+    reason = summary["end_reason"]
+    assert reason.startswith("ICE did not connect in 1.5 s: no check succeeded"), reason
+
+
 async def test_the_caller_closing_first_ends_the_call_quietly(server, caplog):
     """The caller's DTLS closes before its data channel does: the server's hang-up must not send `bye` on a
     channel with no transport under it (aiortc would log the failed send at ERROR from a task of its own)."""

@@ -130,6 +130,7 @@ class CallSession:
         self._duration_timer: asyncio.TimerHandle | None = None
         self._no_track_timer: asyncio.TimerHandle | None = None
         self._failures: aiortc_compat.TransportFailures | None = None
+        self._trickled_candidates = 0
         if call.prompt is not None:
             self._spawn(self._announce_prompt())
         self.pc.on("track", self._on_track)
@@ -234,6 +235,21 @@ class CallSession:
             return failures.dtls, "dtls_failed"
         return "connection failed", "connection_failed"
 
+    def _never_connected_cause(self) -> tuple[str, str]:
+        """Why no audio came in the media timeout when the connection never came up, in the caller's terms:
+        aioice waits on an offer without candidates for ever, and gives unanswered checks a minute."""
+        waited = f"{self.media_timeout:g} s"
+        remote = self.pc.remoteDescription
+        candidates = (remote.sdp.count("a=candidate:") if remote is not None else 0) + self._trickled_candidates
+        if candidates == 0:
+            return (f"the caller sent no ICE candidates in {waited} (none in its offer, none trickled): a "
+                    "client must wait for ICE gathering before it offers, or trickle them (WHIP PATCH)"), "ice_failed"
+        ice = self.pc.iceConnectionState
+        if ice in ("new", "checking"):
+            return (f"ICE did not connect in {waited}: no check succeeded between the server and the caller's "
+                    f"{candidates} candidates (UDP blocked on the way? a TURN server helps: --turn-url)"), "ice_failed"
+        return f"the connection did not come up in {waited} (ICE {ice}, DTLS unfinished)", "connection_failed"
+
     def _media_path(self) -> str:
         """`relay` when the nominated ICE pair goes through TURN on either side, else `direct`."""
         kinds = aiortc_compat.nominated_candidate_types(self.pc)
@@ -253,7 +269,10 @@ class CallSession:
             while not self._ending:  # checked every turn: a cancel racing a result can be lost in wait_for
                 silent_for = loop.time() - (self.receiver.last_packet_at or watching_since)
                 if silent_for >= self.media_timeout:
-                    self.fail(f"no audio from the caller for {self.media_timeout:g} s", kind="no_media")
+                    if self.stats.connected_at is None:
+                        self.fail(*self._never_connected_cause())
+                    else:
+                        self.fail(f"no audio from the caller for {self.media_timeout:g} s", kind="no_media")
                     return
                 try:
                     await asyncio.wait_for(track.recv(), self.media_timeout - silent_for)
@@ -416,6 +435,7 @@ class CallSession:
     async def add_remote_candidate(self, candidate: RTCIceCandidate) -> None:
         """A candidate the caller trickled after its offer (WHIP PATCH)."""
         await self.pc.addIceCandidate(candidate)
+        self._trickled_candidates += 1
 
     @property
     def output_dropped_s(self) -> float:
