@@ -36,6 +36,9 @@ RECEIVE_COUNTERS = (
     ("bad_packets", "moshi_receive_packets_bad", "Callers' packets that were not Opus"),
     ("unknown_payload_type", "moshi_receive_packets_unknown_payload_type",
      "Callers' RTP packets with a payload type that was not negotiated (dropped)"),
+    ("loop_stalls", "moshi_receive_loop_stalls",
+     "Times a call's receive clock found the server's event loop held up (its packets held back, not concealed)"),
+    ("loop_stalled_ms", "moshi_receive_loop_stalled_milliseconds", "How long those event loop stalls were"),
 )
 
 

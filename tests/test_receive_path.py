@@ -9,9 +9,11 @@ media time stayed exact (20 ms of audio per 20 ms of RTP time), that no
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import re
+import time
 
 import aiohttp
 import aiortc
@@ -127,6 +129,26 @@ async def test_one_lost_packet_is_concealed_counted_and_media_time_stays_exact(s
     assert metric(metrics, "moshi_receive_packets_lost_total") >= 1
     assert metric(metrics, "moshi_receive_concealed_milliseconds_total") >= 20
     assert metric(metrics, "moshi_receive_target_delay_seconds_count") > 0
+
+
+async def test_a_stall_of_the_servers_loop_conceals_nothing(server, recorded):
+    """The event loop is held up 400 ms mid-call (a stand-in for a GC pause or a starved core), with the
+    receive buffer as it adapts itself. Caller and server share the loop here, so the caller's packets of
+    that time go out late, in a burst: the receive clock holds back and plays every one in its slot."""
+    loop = asyncio.get_running_loop()
+    stall = loop.call_later(2.0, time.sleep, 0.4)  # a fault injected: the loop blocked, not a wait
+    try:
+        session, stats, frames = await call_through(server, recorded, relay=None)
+    finally:
+        stall.cancel()
+    assert stats.loop_stalls >= 1 and stats.loop_stalled_ms >= 200
+    assert stats.late == 0 and stats.pauses == 0
+    assert stats.lost <= END_CONCEALMENT  # only the end of the call, as in every call
+    assert_media_time_exact(session, stats, frames)
+    assert quiet_windows(frames) == 0
+    async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as response:
+        metrics = await response.text()
+    assert metric(metrics, "moshi_receive_loop_stalls_total") >= 1
 
 
 def metric(text: str, name: str) -> float:

@@ -16,6 +16,14 @@ frames never shift.
 Everything runs on the event loop: a packet is added as it arrives, and a
 timer fires when the next slot is due. Nothing a caller sends can raise out
 of `on_packet`: garbage is counted and its slot concealed.
+
+When the loop itself was held up (a long step elsewhere, a GC pause, a
+starved core), the caller's packets of that time wait unread in the socket,
+and the slot timer fires late, before they are read: it must not conceal
+them. A timer late by more than `STALL_TOLERANCE_S` holds the playout clock
+back by that much (and a packet more); the hold runs off at the loop's own
+speed (playout at twice real time), by which time the packets are read and
+play in their slots. Stalls are counted.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ log = logging.getLogger(__name__)
 
 RTP_CLOCK = 48000  # Opus's RTP clock, whatever rate it was encoded at (RFC 7587)
 MAX_SILENCE_S = 2.0
+STALL_TOLERANCE_S = 0.02  # a slot timer later than this (a packet's time): the loop was held up
+PACKET_S = 0.02
 
 
 @dataclass
@@ -54,6 +64,8 @@ class ReceiveStats:
     unknown_payload_type: int = 0  # RTP with a payload type nobody negotiated (dropped by aiortc's router)
     decode_errors: int = 0  # parsed as Opus, but libopus could not decode them (concealed instead)
     restarts: int = 0
+    loop_stalls: int = 0  # times the server's own event loop was held up and the playout clock held back
+    loop_stalled_ms: int = 0  # how long those stalls were, summed
     pauses: int = 0  # losses past 100 ms, after which the stream went on from a later packet
     target_delay_ms: float = 0.0
     buffered_ms: float = 0.0
@@ -82,6 +94,8 @@ class AudioReceiver:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due: float | None = None  # when `_timer` fires
         self._closed = False
+        self._hold_s = 0.0  # how far the playout clock was set back at `_hold_since`, after a stall
+        self._hold_since = 0.0
         self.last_packet_at: float | None = None  # loop time
 
     # -- in -------------------------------------------------------------------------------------
@@ -125,13 +139,14 @@ class AudioReceiver:
         if self._closed:
             return
         now = self.loop.time()
-        while (slot := self.buffer.pop(now)) is not None:
+        playout = now - self._held_back(now)
+        while (slot := self.buffer.pop(playout)) is not None:
             for frame in self.framer.push_samples(self._render(slot)):
                 try:
                     self.on_frame(frame)
                 except Exception:  # the consumer's failure must not stop the clock or reach aiortc
                     log.exception("inbound audio consumer failed")
-        due = self.buffer.due_at()
+        due = self._loop_time_for(self.buffer.due_at())
         if due == self._timer_due:  # a packet often leaves the next slot's time as it was: keep the timer
             return
         if self._timer is not None:
@@ -140,8 +155,26 @@ class AudioReceiver:
         self._timer_due = due
 
     def _on_timer(self) -> None:
+        now = self.loop.time()
+        late = now - self._timer_due if self._timer_due is not None else 0.0
         self._timer = self._timer_due = None
+        if late > STALL_TOLERANCE_S:  # the loop was held up: the packets of that time may be unread yet
+            self._stats.loop_stalls += 1
+            self._stats.loop_stalled_ms += round(1000 * late)
+            self._hold_s = max(self._held_back(now), late + PACKET_S)
+            self._hold_since = now
         self._drain()
+
+    def _held_back(self, now: float) -> float:
+        """How far the playout clock runs behind the loop's now: a stall's hold, running off at 1 s per s."""
+        return max(0.0, self._hold_s - (now - self._hold_since))
+
+    def _loop_time_for(self, due: float | None) -> float | None:
+        """The loop time at which the playout clock reaches `due`."""
+        if due is None or self._held_back(due) == 0.0:
+            return due
+        # playout(t) = t - (hold - (t - since)) = 2t - hold - since, while the hold lasts
+        return min((due + self._hold_s + self._hold_since) / 2, self._hold_since + self._hold_s)
 
     def _render(self, slot: Slot) -> np.ndarray:
         """Exactly the slot's duration of audio, whatever libopus returns."""
