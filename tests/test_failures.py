@@ -12,10 +12,12 @@ import re
 import socket
 
 import aiohttp
+import aioice.ice
 import aioice.stun
 import pytest
 from aiortc import RTCCertificate, RTCPeerConnection, RTCSessionDescription
 from conftest import start_server, stop_server
+from net_relay import UdpRelay
 from test_operations import samples
 
 from server.engine.setup import create_engine
@@ -173,6 +175,32 @@ async def test_candidates_nobody_answers_end_at_the_media_timeout_as_ice_not_as_
         await pc.close()
     reason = summary["end_reason"]
     assert reason.startswith("ICE did not connect in 1.5 s: no check succeeded"), reason
+
+
+async def test_a_caller_whose_network_goes_away_fails_ice_consent_and_says_why(monkeypatch, caplog):
+    """Connected through a relay that then vanishes (the caller's Wi-Fi gone), with a media timeout longer than
+    aioice's consent expiry: the server's own consent checks go unanswered and the call ends as ICE, saying so.
+    Consent checks every 0.2 s instead of 5 s keep it short; the expiry is the same six unanswered checks."""
+    monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.2)
+    server = await start_server(create_engine(ModelSource("echo"), max_calls=1),
+                                SignalingConfig(media_timeout_s=600.0))
+    relay = await UdpRelay().start()
+    pc = caller()
+    connected = asyncio.Event()
+    pc.on("connectionstatechange", lambda: connected.set() if pc.connectionState == "connected" else None)
+    session = await offer(server, pc, relay.offer, apply_answer=False)
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=relay.answer(session.pc.localDescription.sdp),
+                                                        type="answer"))
+    try:
+        await asyncio.wait_for(connected.wait(), 60)
+        relay.close()  # every packet either way is lost from now on
+        summary = await assert_failed_and_said_why(server, session, "ice_failed", caplog)
+    finally:
+        relay.close()
+        await pc.close()
+        await stop_server(server)
+    assert summary["end_reason"] == ("ICE failed: the caller stopped answering ICE consent checks "
+                                     "(its network went away)")
 
 
 async def test_the_caller_closing_first_ends_the_call_quietly(server, caplog):

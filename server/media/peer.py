@@ -130,7 +130,6 @@ class CallSession:
         self._duration_timer: asyncio.TimerHandle | None = None
         self._no_track_timer: asyncio.TimerHandle | None = None
         self._failures: aiortc_compat.TransportFailures | None = None
-        self._trickled_candidates = 0
         if call.prompt is not None:
             self._spawn(self._announce_prompt())
         self.pc.on("track", self._on_track)
@@ -221,26 +220,30 @@ class CallSession:
             if self.observer is not None:
                 self.observer.call_connected(self.path)
         elif state == "failed" and not self._ending:
-            reason, kind = self._failure_cause()
-            self.fail(reason, kind)
+            self.fail(*(self._recorded_failure() or ("connection failed", "connection_failed")))
         elif state == "closed" and not self._ending:
-            await self.hang_up("the caller closed the connection", kind="connection_closed")
+            # A state handler runs after the state it was told of: when consent expiry closes ICE, aiortc
+            # closes the whole connection at once, and this handler may see "closed" for "failed".
+            failure = self._recorded_failure()
+            if failure is not None:
+                self.fail(*failure)
+            else:
+                await self.hang_up("the caller closed the connection", kind="connection_closed")
 
-    def _failure_cause(self) -> tuple[str, str]:
-        """Why the connection failed, and the metrics kind: ICE first (DTLS cannot start without it)."""
+    def _recorded_failure(self) -> tuple[str, str] | None:
+        """Why a transport failed, and the metrics kind, if one did: ICE first (DTLS cannot start without it)."""
         failures = self._failures
         if failures is not None and failures.ice is not None:
             return failures.ice, "ice_failed"
         if failures is not None and failures.dtls is not None:
             return failures.dtls, "dtls_failed"
-        return "connection failed", "connection_failed"
+        return None
 
     def _never_connected_cause(self) -> tuple[str, str]:
         """Why no audio came in the media timeout when the connection never came up, in the caller's terms:
         aioice waits on an offer without candidates for ever, and gives unanswered checks a minute."""
         waited = f"{self.media_timeout:g} s"
-        remote = self.pc.remoteDescription
-        candidates = (remote.sdp.count("a=candidate:") if remote is not None else 0) + self._trickled_candidates
+        candidates = sum(len(t.receiver.transport.transport.getRemoteCandidates()) for t in self.pc.getTransceivers())
         if candidates == 0:
             return (f"the caller sent no ICE candidates in {waited} (none in its offer, none trickled): a "
                     "client must wait for ICE gathering before it offers, or trickle them (WHIP PATCH)"), "ice_failed"
@@ -435,7 +438,6 @@ class CallSession:
     async def add_remote_candidate(self, candidate: RTCIceCandidate) -> None:
         """A candidate the caller trickled after its offer (WHIP PATCH)."""
         await self.pc.addIceCandidate(candidate)
-        self._trickled_candidates += 1
 
     @property
     def output_dropped_s(self) -> float:
