@@ -160,21 +160,25 @@ async def test_opening_a_call_resets_only_its_own_slot(tiny_engine):
 async def test_a_backlog_past_its_bound_drops_the_oldest_frames_and_counts_them(tiny_engine, monkeypatch):
     call = await tiny_engine.open_call()
     frames = noise_frames(2, 7)
-    stepper, gate = tiny_engine.stepper, threading.Event()
+    stepper, stepping, gate = tiny_engine.stepper, threading.Event(), threading.Event()
     step = stepper.step
 
     def held_step(*args, **kwargs):  # the model is slower than the caller, however idle the machine
+        stepping.set()
         gate.wait()
         return step(*args, **kwargs)
 
     monkeypatch.setattr(stepper, "step", held_step)
-    futures = [call.submit(frame) for frame in frames]  # all at once, while the first step is held
+    futures = [call.submit(frames[0])]
+    await asyncio.get_running_loop().run_in_executor(None, stepping.wait)  # the first frame is in the step
+    futures += [call.submit(frame) for frame in frames[1:]]  # all at once, while that step is held
     gate.set()
     outcomes = await asyncio.gather(*futures, return_exceptions=True)
     bound = tiny_engine.max_backlog_frames
     dropped = [o for o in outcomes if isinstance(o, FrameDropped)]
-    # The step already running may hold the first frame; of the rest only `bound` may wait.
-    assert len(dropped) >= len(frames) - bound - 1 and all(isinstance(o, FrameDropped) for o in outcomes[1:-bound])
+    # The step holds the first frame; of the rest only the newest `bound` may wait, the older ones go.
+    assert not isinstance(outcomes[0], Exception)
+    assert all(isinstance(o, FrameDropped) for o in outcomes[1:-bound]) and len(dropped) == len(frames) - bound - 1
     assert not any(isinstance(o, Exception) for o in outcomes[-bound:])  # the newest frames are kept
     assert call.stats.frames_dropped == len(dropped) == tiny_engine.stats.frames_dropped
     await call.close()
