@@ -6,7 +6,8 @@
 Real aiortc callers on loopback against an in-process server. Calls end four
 ways, in turn: DELETE (a hang-up), the caller closing its peer without a word,
 the caller going quiet (its audio stops; the media timeout ends the call), and
-the caller closing its peer before ICE even connects. Before and after (a warm-up
+the caller closing its peer before ICE even connects (the media timeout ends it
+as `ice_failed`: nothing ever connected). Before and after (a warm-up
 of 20 calls first, so that one-time allocations do not count as growth) it
 records the process's resident memory, open file descriptors, threads, asyncio
 tasks, live RTCPeerConnection objects, sessions and free call slots.

@@ -32,7 +32,9 @@ async def test_calls_ended_every_way_leave_nothing_behind():
 
     assert {k: v for k, v in outcomes.items() if k != "busy, retried"} == {e: 6 for e in soak.ENDINGS}
     ended = soak.ended_by_reason(server.service)
-    assert ended["hung_up"] >= 6 and ended["caller_gone"] >= 6 and ended["no_media"] >= 12
+    assert ended["hung_up"] >= 6 and ended["caller_gone"] >= 6
+    assert ended["no_media"] >= 6  # the quiet callers: connected, then no audio
+    assert ended["ice_failed"] >= 6  # the callers gone before ICE connected: the timeout says it was ICE
     assert after["sessions"] == 0 and after["free_slots"] == 4
     for key in ("peer_connections", "fds", "threads", "tasks"):  # earlier tests may hold some of their own
         assert after[key] <= before[key], (key, before, after)
