@@ -18,6 +18,9 @@ self-identifying tone bursts (server/media/latency_probe.py) for the whole run. 
 - engine step time p50 and p99, from the server's /status,
 - the server's own mouth-to-ear estimate per call (the only delay figure a
   model that does not echo can give; random-weight models babble),
+- the callers' audio the server concealed (median per call), packets that came after
+  their slot, and how often the server's own event loop stalled (its receive clock held
+  back for the packets waiting in the socket),
 - server CPU (share of one core, user + system, and per call; the server and any media worker
   processes under it), over the whole window and in steady state (from 5 s in to 1 s before the
   end: media only, no call setup), and peak memory (VmHWM, summed over those processes).
@@ -170,6 +173,8 @@ async def one_caller(url: str, seconds: float, index: int) -> dict:
         "frames_in": session.get("frames_in"),
         "frames_silent": session.get("frames_silent"),
         "mouth_to_ear_estimate_ms": session.get("mouth_to_ear_estimate_ms"),
+        "receive": {key: session.get("receive", {}).get(key)
+                    for key in ("lost", "late", "concealed_ms", "pauses", "loop_stalls", "loop_stalled_ms")},
     }
 
 
@@ -256,8 +261,18 @@ async def run_k(model: str, calls: int, seconds: float, per_process: int, server
         "server_cpu_cores_per_call": round(cpu / calls, 3),
         "server_cpu_cores_per_call_steady": round(steady_cpu_cores / calls, 3) if steady_cpu_cores else None,
         "server_peak_rss_mib": round(rss),
+        # the callers' audio the server concealed (on loopback nothing is lost: what is, is the server's own
+        # loop falling behind), and the stalls of its loop that its receive clock held back for
+        "concealed_ms_per_call_median": statistics.median(receive_figure(per_call, "concealed_ms")),
+        "late_packets": sum(receive_figure(per_call, "late")),
+        "loop_stalls": sum(receive_figure(per_call, "loop_stalls")),
         "per_call": per_call,
     }
+
+
+def receive_figure(per_call: list[dict], key: str) -> list[float]:
+    """One receive-path counter per call (0 where the server does not report it)."""
+    return [(c.get("receive") or {}).get(key) or 0 for c in per_call]
 
 
 async def orchestrate(model: str, calls: list[int], seconds: float, per_process: int, server_args: list[str],
