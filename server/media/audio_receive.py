@@ -19,11 +19,15 @@ of `on_packet`: garbage is counted and its slot concealed.
 
 When the loop itself was held up (a long step elsewhere, a GC pause, a
 starved core), the caller's packets of that time wait unread in the socket,
-and the slot timer fires late, before they are read: it must not conceal
-them. A timer late by more than `STALL_TOLERANCE_S` holds the playout clock
-back by that much (and a packet more); the hold runs off at the loop's own
-speed (playout at twice real time), by which time the packets are read and
-play in their slots. Stalls are counted.
+and the slot timer may fire before they are read (aiortc carries a packet
+from the socket to us over a loop turn or two): it must not conceal them.
+So a slot found missing is called lost only after `GRACE_TURNS` more loop
+turns, each of which reads pending I/O first. And a timer late by more than
+`STALL_TOLERANCE_S` (a long stall, many packets waiting) holds the playout
+clock back by that much and a packet more; the hold runs off at the loop's
+own speed (playout at twice real time), by which time the packets are read
+and play in their slots. Stalls are counted. The price: the model hears that
+audio late, and the reply's standing delay it leaves is shed downstream.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ RTP_CLOCK = 48000  # Opus's RTP clock, whatever rate it was encoded at (RFC 7587
 MAX_SILENCE_S = 2.0
 STALL_TOLERANCE_S = 0.02  # a slot timer later than this (a packet's time): the loop was held up
 PACKET_S = 0.02
+GRACE_TURNS = 8  # loop turns a missing slot waits for packets already read from the socket (1 per turn)
 
 
 @dataclass
@@ -96,6 +101,8 @@ class AudioReceiver:
         self._closed = False
         self._hold_s = 0.0  # how far the playout clock was set back at `_hold_since`, after a stall
         self._hold_since = 0.0
+        self._grace_left = GRACE_TURNS  # turns the slot now missing may still wait
+        self._grace: asyncio.Handle | None = None
         self.last_packet_at: float | None = None  # loop time
 
     # -- in -------------------------------------------------------------------------------------
@@ -128,8 +135,9 @@ class AudioReceiver:
 
     def close(self) -> None:
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        for handle in (self._timer, self._grace):
+            if handle is not None:
+                handle.cancel()
         self.decoder.close()
 
     # -- out ------------------------------------------------------------------------------------
@@ -140,7 +148,16 @@ class AudioReceiver:
             return
         now = self.loop.time()
         playout = now - self._held_back(now)
-        while (slot := self.buffer.pop(playout)) is not None:
+        while True:
+            if self.buffer.missing_and_due(playout) and self._grace_left > 0:
+                self._grace_left -= 1  # the packet may be read in the next turn: look again then
+                if self._grace is None:
+                    self._grace = self.loop.call_soon(self._on_grace_turn)
+                return
+            slot = self.buffer.pop(playout)
+            if slot is None:
+                break
+            self._grace_left = GRACE_TURNS
             for frame in self.framer.push_samples(self._render(slot)):
                 try:
                     self.on_frame(frame)
@@ -153,6 +170,10 @@ class AudioReceiver:
             self._timer.cancel()
         self._timer = self.loop.call_at(due, self._on_timer) if due is not None else None
         self._timer_due = due
+
+    def _on_grace_turn(self) -> None:
+        self._grace = None
+        self._drain()
 
     def _on_timer(self) -> None:
         now = self.loop.time()

@@ -284,6 +284,11 @@ class JitterBuffer:
             return None
         return self._next_ts / self.clock_rate + self._fastest + self.target_s
 
+    def missing_and_due(self, now: float) -> bool:
+        """Whether the next slot is due at `now` and its packet is not here: `pop` would call it lost."""
+        due = self.due_at()
+        return due is not None and now >= due and self._next_seq not in self._packets
+
     def pop(self, now: float) -> Slot | None:
         """What fills the next slot, if it is due at `now`; call again until None."""
         due = self.due_at()
