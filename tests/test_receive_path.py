@@ -34,6 +34,7 @@ from server.model.source import ModelSource
 
 WINDOW = 480  # 20 ms at 24 kHz
 END_CONCEALMENT = 5  # the caller stops sending at the end: 100 ms are concealed before the stream pauses
+NOISE_PACKETS = 2  # late packets a busy machine's small stalls may cause where a test stalls the loop on purpose
 DEEP_TARGET_S = 1.5  # the receive delay in tests about losses (see `deep_buffer`)
 DEEP_TAIL_S = DEEP_TARGET_S + 0.5  # every slot the caller sent is due before it hangs up
 
@@ -134,7 +135,8 @@ async def test_one_lost_packet_is_concealed_counted_and_media_time_stays_exact(s
 async def test_a_stall_of_the_servers_loop_conceals_nothing(server, recorded):
     """The event loop is held up 400 ms mid-call (a stand-in for a GC pause or a starved core), with the
     receive buffer as it adapts itself. Caller and server share the loop here, so the caller's packets of
-    that time go out late, in a burst: the receive clock holds back and plays every one in its slot."""
+    that time go out late, in a burst: the receive clock holds back, missing slots wait a few loop turns, and
+    every packet plays in its slot. (Either alone passes here; tests/test_audio_receive.py pins each.)"""
     loop = asyncio.get_running_loop()
     stall = loop.call_later(2.0, time.sleep, 0.4)  # a fault injected: the loop blocked, not a wait
     try:
@@ -142,8 +144,10 @@ async def test_a_stall_of_the_servers_loop_conceals_nothing(server, recorded):
     finally:
         stall.cancel()
     assert stats.loop_stalls >= 1 and stats.loop_stalled_ms >= 200
-    assert stats.late == 0 and stats.pauses == 0
-    assert stats.lost <= END_CONCEALMENT  # only the end of the call, as in every call
+    # With neither, this stall alone pauses the stream, 9 packets are lost and 5 come late. A busy
+    # machine's own small stalls can still make a packet of the caller's (in this loop too) truly late.
+    assert stats.pauses == 0
+    assert stats.late <= NOISE_PACKETS and stats.lost <= END_CONCEALMENT + NOISE_PACKETS
     assert_media_time_exact(session, stats, frames)
     assert quiet_windows(frames) == 0
     async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as response:
