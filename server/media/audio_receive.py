@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 RTP_CLOCK = 48000  # Opus's RTP clock, whatever rate it was encoded at (RFC 7587)
 MAX_SILENCE_S = 2.0
 STALL_TOLERANCE_S = 0.02  # a slot timer later than this (a packet's time): the loop was held up
-PACKET_S = 0.02
 GRACE_TURNS = 8  # loop turns a missing slot waits for packets already read from the socket (1 per turn)
 
 
@@ -182,7 +181,7 @@ class AudioReceiver:
         if late > STALL_TOLERANCE_S:  # the loop was held up: the packets of that time may be unread yet
             self._stats.loop_stalls += 1
             self._stats.loop_stalled_ms += round(1000 * late)
-            self._hold_s = max(self._held_back(now), late + PACKET_S)
+            self._hold_s = max(self._held_back(now), late + self.buffer.packet_ticks / RTP_CLOCK)
             self._hold_since = now
         self._drain()
 
@@ -195,7 +194,7 @@ class AudioReceiver:
         if due is None or self._held_back(due) == 0.0:
             return due
         # playout(t) = t - (hold - (t - since)) = 2t - hold - since, while the hold lasts
-        return min((due + self._hold_s + self._hold_since) / 2, self._hold_since + self._hold_s)
+        return (due + self._hold_s + self._hold_since) / 2
 
     def _render(self, slot: Slot) -> np.ndarray:
         """Exactly the slot's duration of audio, whatever libopus returns."""
