@@ -124,19 +124,29 @@ def closed_udp_port() -> int:
         return s.getsockname()[1]
 
 
+def candidates_at(port: int):
+    """An offer rewrite: the caller's host candidate points at `port` (a closed one: nobody answers checks)."""
+    return lambda sdp: CANDIDATE_PORT.sub(lambda m: f"{m.group(1)}{port}{m.group(3)}", sdp)
+
+
+async def end_reason_of_a_call_that_fails(server, rewrite, caplog) -> str:
+    """Offer from a caller as the page makes it, rewritten, never applying the answer: the call must fail as
+    ICE and say so everywhere (`assert_failed_and_said_why`); its reason."""
+    pc = caller()
+    session = await offer(server, pc, rewrite, apply_answer=False)
+    try:
+        summary = await assert_failed_and_said_why(server, session, "ice_failed", caplog)
+    finally:
+        await pc.close()
+    return summary["end_reason"]
+
+
 async def test_an_offer_whose_candidates_nobody_answers_fails_ice_and_says_why(server, caplog, monkeypatch):
     """The caller's only candidate points at a closed port and the caller never answers checks. aioice
     gives each check 7 tries over 63 s; two tries keep this short, and the failure is the same."""
     monkeypatch.setattr(aioice.stun, "RETRY_MAX", 1)
     port = closed_udp_port()
-    pc = caller()
-    session = await offer(server, pc, lambda sdp: CANDIDATE_PORT.sub(lambda m: f"{m.group(1)}{port}{m.group(3)}",
-                                                                     sdp), apply_answer=False)
-    try:
-        summary = await assert_failed_and_said_why(server, session, "ice_failed", caplog)
-    finally:
-        await pc.close()
-    reason = summary["end_reason"]
+    reason = await end_reason_of_a_call_that_fails(server, candidates_at(port), caplog)
     assert reason.startswith("ICE failed: no candidate pair succeeded (1 pairs: 1 failed)"), reason
     assert f"host 127.0.0.1:{port}/udp" in reason
 
@@ -154,26 +164,13 @@ CANDIDATE_LINE = re.compile(r"^a=(candidate:.*|end-of-candidates)\r?\n", re.MULT
 
 async def test_an_offer_without_candidates_ends_at_the_media_timeout_saying_so(impatient_server, caplog):
     """A client that offers before gathering and never trickles: aioice would wait on it for ever."""
-    pc = caller()
-    session = await offer(impatient_server, pc, lambda sdp: CANDIDATE_LINE.sub("", sdp), apply_answer=False)
-    try:
-        summary = await assert_failed_and_said_why(impatient_server, session, "ice_failed", caplog)
-    finally:
-        await pc.close()
-    assert summary["end_reason"].startswith("the caller sent no ICE candidates in 1.5 s"), summary["end_reason"]
+    reason = await end_reason_of_a_call_that_fails(impatient_server, lambda sdp: CANDIDATE_LINE.sub("", sdp), caplog)
+    assert reason.startswith("the caller sent no ICE candidates in 1.5 s"), reason
 
 
 async def test_candidates_nobody_answers_end_at_the_media_timeout_as_ice_not_as_silence(impatient_server, caplog):
     """aioice gives unanswered checks a minute; the call ends at the media timeout, and says it was ICE."""
-    port = closed_udp_port()
-    pc = caller()
-    session = await offer(impatient_server, pc, lambda sdp: CANDIDATE_PORT.sub(
-        lambda m: f"{m.group(1)}{port}{m.group(3)}", sdp), apply_answer=False)
-    try:
-        summary = await assert_failed_and_said_why(impatient_server, session, "ice_failed", caplog)
-    finally:
-        await pc.close()
-    reason = summary["end_reason"]
+    reason = await end_reason_of_a_call_that_fails(impatient_server, candidates_at(closed_udp_port()), caplog)
     assert reason.startswith("ICE did not connect in 1.5 s: no check succeeded"), reason
 
 
