@@ -24,7 +24,8 @@ PAGE_HANG_UP = {"hung_up"}
 
 # The dominant frequency of a MediaStream (a JavaScript expression naming it), heard through a WebAudio
 # analyser: waits until the stream carries sound (a spectral peak over -60 dBFS), then returns the
-# peak's frequency in Hz (bins of 48000 / 8192 = 5.9 Hz). Firefox's fake microphone is a 1 kHz tone.
+# peak's frequency in Hz (bins of sampleRate / 8192: 5.4 Hz at the sound server's 44.1 kHz). Firefox's
+# fake microphone is a 1 kHz tone.
 DOMINANT_HZ = """
 const stream = eval(arguments[0]);
 const context = new AudioContext();
