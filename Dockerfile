@@ -7,7 +7,7 @@
 # The HTTP port (8080/tcp) serves the page and the offer/answer API; browsers need https or
 # localhost for the microphone, so terminate TLS in front of it for remote callers.
 #
-# Python: Ubuntu 24.04's python3 is 3.12, inside pyproject.toml's requires-python (3.11-3.12: aiortc 1.16
+# Python: Ubuntu 24.04's python3 is 3.12, inside pyproject.toml's requires-python (3.11-3.13: aiortc 1.16
 # and av 18 need 3.11). torch 2.9.1's Linux wheel from PyPI is built for CUDA 12.8 and brings its own
 # CUDA and cuDNN libraries as pip packages; the image needs only the driver, which --gpus passes in.
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04

@@ -1,4 +1,4 @@
-"""What is installed and shipped matches what the tests run with: Python 3.11-3.12, aiortc 1.16 (the
+"""What is installed and shipped matches what the tests run with: Python 3.11-3.13, aiortc 1.16 (the
 version aiortc_compat is written against), av's major, and a Docker image whose Python satisfies that
 and which runs `serve` as an unprivileged user. No Docker engine runs here: the Dockerfile is read."""
 
@@ -39,7 +39,7 @@ def dockerfile() -> list[tuple[str, str]]:
 
 def test_python_and_pins_match_what_the_tests_run_with():
     python = SpecifierSet(PROJECT["project"]["requires-python"])
-    assert python == SpecifierSet(">=3.11,<3.13")
+    assert python == SpecifierSet(">=3.11,<3.14")
     assert f"{sys.version_info.major}.{sys.version_info.minor}" in python  # this very run
     aiortc = requirement("aiortc")
     assert version("aiortc") in aiortc and aiortc_compat.PINNED_AIORTC + "0" in aiortc
@@ -52,9 +52,45 @@ def test_python_and_pins_match_what_the_tests_run_with():
 
 def test_the_run_script_asks_for_the_same_pythons():
     run = (ROOT / "run").read_text()
-    assert "sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))" in run
-    assert "needs Python 3.11-3.12" in run
-    assert "Python 3.11-3.12" in (ROOT / "README.md").read_text()
+    python = SpecifierSet(PROJECT["project"]["requires-python"])
+    low, high = (int(re.search(rf"^{name}=(\d+)$", run, re.MULTILINE).group(1)) for name in ("PY_MIN", "PY_MAX"))
+    for minor in range(8, 16):  # ./run takes exactly the minors requires-python takes
+        assert (low <= minor <= high) == (f"3.{minor}" in python), minor
+    tried = re.search(r"for candidate in (.+); do", run).group(1).split()
+    assert tried[0] == "python3" and {f"python3.{minor}" for minor in range(low, high + 1)} <= set(tried)
+    assert f"Python 3.{low}-3.{high}" in (ROOT / "README.md").read_text()
+
+
+def test_the_run_script_picks_a_supported_python_and_says_which(tmp_path):
+    """A machine with several Pythons (Debian 13: its own 3.13 as python3, beside pyenv's 3.11): ./run takes
+    the first supported one, says which, and refuses with a clear message when none is."""
+    import os
+    import shutil
+    import subprocess
+
+    def pick(pythons: dict[str, str]) -> subprocess.CompletedProcess:
+        bin_dir = tmp_path / "bin"
+        shutil.rmtree(bin_dir, ignore_errors=True)
+        bin_dir.mkdir()
+        for name, answer in pythons.items():  # stand-ins that answer the version check as that Python would
+            script = bin_dir / name
+            script.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.version_info = {answer}; "
+                              f"exec(sys.argv[1])' \"$2\"\n")
+            script.chmod(0o755)
+        functions = (ROOT / "run").read_text().split("\ncmd=")[0]  # the script's definitions, not its commands
+        script = functions.replace('cd "$(dirname "$0")"', "") + "\npick_python"
+        return subprocess.run([shutil.which("bash"), "-c", script], capture_output=True, text=True,
+                              env={"PATH": str(bin_dir)})
+
+    found = pick({"python3": "(3, 10, 0)", "python3.13": "(3, 13, 0)", "python3.11": "(3, 11, 7)"})
+    assert found.returncode == 0 and found.stdout.strip().endswith("/bin/python3.13")
+    found = pick({"python3": "(3, 13, 1)", "python3.11": "(3, 11, 7)"})
+    assert found.stdout.strip().endswith("/bin/python3")
+    found = pick({"python3": "(3, 14, 0)", "python3.12": "(3, 12, 1)"})
+    assert found.stdout.strip().endswith("/bin/python3.12")
+    refused = pick({"python3": "(3, 10, 12)"})
+    assert refused.returncode != 0 and "needs Python 3.11-3.13" in refused.stderr and not refused.stdout.strip()
+    assert os.access(ROOT / "run", os.X_OK)
 
 
 def test_the_image_has_a_python_the_project_takes_and_serves_as_an_unprivileged_user():
