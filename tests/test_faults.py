@@ -8,6 +8,9 @@ else is real: the tiny model, real aiortc callers, the real signaling app.
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+import time
 
 import aiohttp
 import numpy as np
@@ -129,6 +132,74 @@ async def test_a_device_error_is_fatal_it_ends_every_call_and_health_fails():
         await engine.open_call()
     assert not server.service.sessions
     await stop_server(server)
+
+
+class LoopErrors:
+    """What asyncio reports through the loop's exception handler (Future exception was never retrieved, ...)
+    while the test runs; each is still passed on to the default handler, so it is logged as before."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def __enter__(self) -> LoopErrors:
+        self.loop = asyncio.get_running_loop()
+        self.previous = self.loop.get_exception_handler()
+        self.loop.set_exception_handler(self._record)
+        return self
+
+    def _record(self, loop, context: dict) -> None:
+        self.messages.append(f"{context.get('message')}: {context.get('exception')!r}")
+        loop.default_exception_handler(context)
+
+    def __exit__(self, *exc) -> None:
+        self.loop.set_exception_handler(self.previous)
+
+
+@pytest.mark.parametrize("fault", ["device", "slot"])
+async def test_after_an_engine_failure_every_pending_result_of_the_call_is_consumed(fault, monkeypatch):
+    """The frames queued behind the one that failed fail too; none is left for asyncio to report as "never
+    retrieved" (an ERROR line per frame, long after the call, whenever the garbage collector finds it).
+    So that the collector can free the call within this test: it is made without the HTTP app (aiohttp caches
+    its handlers), and the engine's log of the failure (whose traceback holds the call) is not kept by pytest."""
+    from aiortc import RTCPeerConnection
+
+    from server.media.audio_out import OutboundAudioTrack
+    from server.media.ice import IceConfig
+    from server.media.peer import CallSession
+
+    engine = create_engine(ModelSource("tiny"), max_calls=1, sampling=GREEDY, cpu_threads=1, max_backlog_frames=25)
+    await engine.start()
+    original = engine.stepper.step
+    steps = {"n": 0}
+
+    def slow_then_failing_step(frames, rows, prompts=None):
+        steps["n"] += 1
+        if steps["n"] == 5:
+            time.sleep(0.5)  # frames pile up behind this step, as behind a slow GPU
+        if steps["n"] >= 6:
+            if fault == "device":
+                raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+            raise RuntimeError("injected fault in slot 0")
+        return original(frames, rows, prompts)
+
+    engine.stepper.step = slow_then_failing_step
+    monkeypatch.setattr(logging.getLogger("server.engine.inference"), "propagate", False)
+    with LoopErrors() as errors:
+        voice = OutboundAudioTrack(sample_rate=24000, max_buffer_ms=5000)
+        voice.push(np.zeros(24000 * 4, np.float32) + 0.05)
+        caller = RTCPeerConnection()
+        caller.addTrack(voice)
+        await caller.setLocalDescription(await caller.createOffer())
+        session = CallSession("faulty", engine, await engine.open_call(), IceConfig(), media_timeout=5.0)
+        await caller.setRemoteDescription(await session.answer(caller.localDescription))
+        await asyncio.wait_for(session.ended.wait(), 60)  # a hang guard, not a timing
+        assert session.end_kind == "engine_error"
+        assert ("device failed" if fault == "device" else "injected fault") in session.end_reason
+        await caller.close()
+        await engine.stop()
+        del session, caller, voice, engine
+        gc.collect()  # a failed future nobody awaited is reported when it is collected
+    assert not [m for m in errors.messages if "never retrieved" in m], errors.messages
 
 
 async def test_the_frames_in_the_step_that_kills_the_engine_fail_too():

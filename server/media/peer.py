@@ -335,11 +335,23 @@ class CallSession:
         except asyncio.CancelledError:
             return
         except Exception as exc:  # the engine failed this call (an out-of-range token, say)
+            self._discard_results()  # the frames queued behind it failed too: nobody will play them
             reason = f"engine error: {exc}"
             log.error("session %s: %s", self.session_id, reason)
             self.send_event(events.Error(reason))
             if not self._ending:
                 self._spawn(self.hang_up(reason, kind="engine_error"))
+
+    def _discard_results(self) -> None:
+        """Consume or cancel every result still queued. After an engine failure the frames behind the
+        failed one fail too, and asyncio logs a failed future that nobody awaited as "Future exception was
+        never retrieved" (an ERROR line per frame, long after the call, when it is collected)."""
+        while not self._results.empty():
+            future = self._results.get_nowait()
+            if not future.done():
+                future.cancel()  # the engine skips a frame whose future is done
+            elif not future.cancelled():
+                future.exception()  # retrieved: the failure was reported once, for the call
 
     def _observe(self, result) -> None:
         """The server's share of the mouth-to-ear delay for this frame (see signaling.metrics)."""
@@ -416,6 +428,7 @@ class CallSession:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks, timeout=1.0)  # they also stop by themselves on the next frame
+            self._discard_results()
             await self.call.close()
         finally:  # whatever failed above, the peer's sockets close and nobody waits forever
             self.outbound.stop()
