@@ -48,7 +48,7 @@ from .forward import CallForwarder, WorkerTotals, merge_expositions
 from .guards import OfferRateLimit, cors_middleware, token_middleware
 from .metrics import CONTENT_TYPE, METRICS_KEY, ServiceMetrics, TurnTotals
 from .offer_check import MAX_BODY_BYTES, OfferRejected, parse_offer_json
-from .whip import WhipEndpoint
+from .whip import WhipEndpoint, whip_options
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class SignalingService:
         app[METRICS_KEY] = self.metrics
         if self.forwarder is not None:
             self.forwarder.add_routes(app)
+            app.router.add_route("OPTIONS", "/whip", whip_options)
         else:
             app.router.add_post("/offer", self.post_offer)
             app.router.add_delete("/sessions/{session_id}", self.delete_session)

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
@@ -47,7 +48,6 @@ class CallForwarder:
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/offer", self.new_call)
         app.router.add_post("/whip", self.new_call)
-        app.router.add_route("OPTIONS", "/whip", self.new_call)
         for path in ("/sessions/{session_id}", "/whip/{session_id}"):
             app.router.add_route("*", path, self.existing_call)
         app.on_cleanup.append(self._close)
@@ -83,7 +83,10 @@ class CallForwarder:
         try:
             async with self._client().request(request.method, url, data=body, headers=headers) as answer:
                 payload = await answer.read()
-                kept = {name: answer.headers[name] for name in RESPONSE_HEADERS if name in answer.headers}
+                kept = CIMultiDict()  # every value of each: a WHIP answer has a Link header per ICE server
+                for name in RESPONSE_HEADERS:
+                    for value in answer.headers.getall(name, ()):
+                        kept.add(name, value)
                 return web.Response(status=answer.status, body=payload, headers=kept)
         except (TimeoutError, aiohttp.ClientError) as exc:
             log.error("media worker %d did not answer %s %s: %s", worker.index, request.method, request.path, exc)

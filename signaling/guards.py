@@ -4,7 +4,7 @@ All three are aiohttp middlewares, wired in `signaling.app`:
 
 - `token`: with one set, the call API (`/offer`, `/sessions/*`, `/whip*`,
   `/ice-servers`, `/personas`) needs `Authorization: Bearer <token>`, OPTIONS
-  included (WHIP's OPTIONS hands out TURN credentials); only CORS preflights pass. The page,
+  included; only CORS preflights pass (they carry no credentials, and no answer to one does). The page,
   health, readiness and metrics stay open (put /metrics behind your network).
 - CORS: a browser on another origin may call the API only if its origin is in
   the allow-list; its preflight is answered and a state-changing request from

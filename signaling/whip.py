@@ -1,6 +1,7 @@
 """WHIP (RFC 9725): the standard HTTP signaling any WebRTC client library can speak.
 
-    OPTIONS /whip               204, Accept-Post: application/sdp, the ICE servers as Link headers
+    OPTIONS /whip               204, Accept-Post: application/sdp (and nothing else: no ICE servers, whose
+                                TURN credentials go out with the 201 answer only, as RFC 9725 does)
     POST    /whip               application/sdp offer -> 201 Created, Location: /whip/{id},
                                 the answer SDP, ETag, and Link: <url>; rel="ice-server" headers
     PATCH   /whip/{id}          application/trickle-ice-sdpfrag: the client's trickled candidates -> 204;
@@ -8,7 +9,7 @@
     DELETE  /whip/{id}          ends the call -> 200
 
 A persona goes in the query: `POST /whip?prompt=...&voice=...` (PersonaPlex-style models).
-With an API token set (signaling.guards), every request but OPTIONS needs `Authorization: Bearer <token>`.
+With an API token set (signaling.guards), every request but a CORS preflight needs `Authorization: Bearer <token>`.
 A client that offers a data channel labelled `events` gets the model's text on it,
 exactly as with `POST /offer`. Calls made here are the same sessions as /offer's.
 """
@@ -43,12 +44,17 @@ def _ice_credentials(sdp: str) -> tuple[str | None, str | None]:
     return (ufrag.group(1) if ufrag else None, pwd.group(1) if pwd else None)
 
 
+async def whip_options(request: web.Request) -> web.StreamResponse:
+    """`OPTIONS /whip`, the same whether calls run here or in media workers (the front answers it itself)."""
+    return web.Response(status=204, headers={"Accept-Post": SDP})
+
+
 class WhipEndpoint:
     def __init__(self, service: SignalingService):
         self.service = service
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_route("OPTIONS", "/whip", self.options)
+        app.router.add_route("OPTIONS", "/whip", whip_options)
         app.router.add_post("/whip", self.post)
         app.router.add_route("PATCH", "/whip/{session_id}", self.patch)
         app.router.add_delete("/whip/{session_id}", self.delete)
@@ -72,9 +78,6 @@ class WhipEndpoint:
         return response
 
     # -- handlers -----------------------------------------------------------------------------
-
-    async def options(self, request: web.Request) -> web.StreamResponse:
-        return self._with_links(web.Response(status=204, headers={"Accept-Post": SDP}))
 
     async def post(self, request: web.Request) -> web.StreamResponse:
         if request.content_type != SDP:

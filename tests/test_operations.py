@@ -68,7 +68,7 @@ async def test_the_api_token_guards_the_call_api_and_leaves_health_open():
     async with aiohttp.ClientSession() as http:
         for method, path in (("GET", "/ice-servers"), ("GET", "/personas"), ("POST", "/offer"),
                              ("GET", "/sessions/x"), ("DELETE", "/sessions/x"), ("POST", "/whip"),
-                             ("OPTIONS", "/whip")):  # WHIP's OPTIONS lists TURN credentials
+                             ("OPTIONS", "/whip")):
             async with http.request(method, server.url + path) as response:
                 assert response.status == 401, path
                 assert response.headers["WWW-Authenticate"].startswith("Bearer")

@@ -308,7 +308,7 @@ async def test_the_front_refuses_relay_only_offers_when_turn_is_down_before_any_
             async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer"}) as r:
                 status, body = r.status, await r.json()
             async with http.options(f"{url}/whip") as r:
-                options_status = r.status  # WHIP's OPTIONS is no offer: it still gets its Link headers
+                options_status = r.status  # WHIP's OPTIONS is no offer: the front answers it
         await pc.close()
         assert status == 503 and "TURN is unreachable" in body["error"]
         assert options_status == 204

@@ -74,9 +74,6 @@ async def test_whip_call_with_trickled_candidates_and_the_text_channel():
     assert candidates
     bare = re.sub(r"^a=(candidate:.*|end-of-candidates)\r\n", "", full, flags=re.MULTILINE)  # trickle them later
     async with aiohttp.ClientSession() as http:
-        async with http.options(f"{server.url}/whip") as response:
-            assert response.status == 204 and response.headers["Accept-Post"] == SDP
-            assert '<stun:127.0.0.1:3478>; rel="ice-server"' in response.headers.getall("Link")
         async with http.post(f"{server.url}/whip", data=bare, headers=client.headers(SDP)) as response:
             assert response.status == 201, await response.text()
             assert response.content_type == SDP
@@ -143,3 +140,56 @@ async def test_whip_refuses_the_wrong_content_type_and_a_missing_or_wrong_token(
     assert server.engine.free_slots == 1
     await client.pc.close()
     await stop_server(server)
+
+
+@pytest.mark.parametrize("media_workers", [0, 1])
+async def test_options_is_the_same_in_every_mode_and_ice_servers_come_only_with_the_answer(media_workers):
+    """OPTIONS /whip answers 204 with Accept-Post and no ICE servers, with media in workers (the default: the
+    front answers it) or in the front's own process; TURN credentials leave only with the 201 answer (RFC
+    9725), never in an OPTIONS answer, a CORS preflight from the server's own origin included."""
+    import socket
+
+    from aiohttp import web
+
+    from server.media.workers import MediaWorkers
+    from server.worker import worker_main
+    from signaling.app import SignalingService
+
+    ice = IceConfig((IceServer(("stun:127.0.0.1:3478",)),), turn_urls=("turn:127.0.0.1:3479?transport=udp",),
+                    turn_secret="s3cret")
+    config = SignalingConfig(ice=ice, media_timeout_s=5.0)
+    engine = create_engine(ModelSource("echo"), max_calls=1)
+    await engine.start()
+    workers = None
+    if media_workers:
+        workers = MediaWorkers(engine, media_workers, config, worker_main, host_addresses=["127.0.0.1"],
+                               log_level="WARNING")
+        await workers.start()
+    runner = web.AppRunner(SignalingService(engine, config, workers=workers).app())
+    await runner.setup()
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, listening).start()
+    url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+    client = WhipClient(url)
+    try:
+        async with aiohttp.ClientSession() as http:
+            preflight = {"Origin": url, "Access-Control-Request-Method": "POST"}
+            for headers in ({}, preflight):
+                async with http.options(f"{url}/whip", headers=headers) as response:
+                    assert response.status == 204 and response.headers["Accept-Post"] == SDP, headers
+                    assert "Link" not in response.headers and "credential" not in str(response.headers), headers
+            async with http.post(f"{url}/whip", data=await client.offer_sdp(), headers=client.headers(SDP)) as r:
+                assert r.status == 201, await r.text()
+                links = r.headers.getall("Link")
+            assert '<stun:127.0.0.1:3478>; rel="ice-server"' in links
+            (turn,) = [link for link in links if link.startswith("<turn:")]
+            assert 'username="' in turn and 'credential="' in turn
+            async with http.delete(url + r.headers["Location"]) as response:
+                assert response.status == 200
+    finally:
+        await client.pc.close()
+        if workers is not None:
+            await workers.stop()
+        await runner.cleanup()
+        await engine.stop()
