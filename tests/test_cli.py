@@ -120,3 +120,45 @@ def test_a_precomputed_voice_made_by_the_cli_serves_a_persona_call(tmp_path):
     finally:
         server.terminate()
         assert server.wait(timeout=20) == 0
+
+
+CPU_ENGINE_COMPILES = """
+import asyncio, logging, sys
+import numpy as np
+import torch
+compiled = []
+torch.compile = lambda fn, *args, **kwargs: compiled.append(fn) or fn  # counts; compiles nothing
+from server.model import moshi_compat
+if sys.argv[1] == "keep-compile":  # the control: what a CPU engine would do without turning it off
+    moshi_compat.disable_torch_compile = lambda: None
+from server.engine.setup import create_engine
+from server.model.source import ModelSource
+
+async def main():
+    logging.basicConfig(level=logging.INFO)
+    engine = create_engine(ModelSource("tiny"), max_calls=2, cpu_threads=1)
+    await engine.start()  # warm-up steps every slot
+    call = await engine.open_call(seed=1)
+    for _ in range(3):
+        await call.process(np.zeros(1920, np.float32))
+    await call.close()
+    await engine.stop()
+    print("compiled", len(compiled))
+
+asyncio.run(main())
+"""
+
+
+def test_a_cpu_model_is_served_without_torch_compile():
+    """As `./run serve` runs it, NO_TORCH_COMPILE unset: moshi compiles its small kernels on first use, which
+    took ~25 s of a 26 s warm-up on a 2-core machine; a CPU engine turns that off and says so in its log."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_TORCH_COMPILE"}
+    runs = {}
+    for mode in ("serve", "keep-compile"):
+        done = subprocess.run([sys.executable, "-c", CPU_ENGINE_COMPILES, mode], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=Path(__file__).resolve().parent.parent)
+        assert done.returncode == 0, done.stderr
+        runs[mode] = int(done.stdout.split("compiled")[-1])
+        if mode == "serve":
+            assert "warming up: 5 steps of all 2 slots on cpu (no torch.compile on a CPU)" in done.stderr
+    assert runs == {"serve": 0, "keep-compile": runs["keep-compile"]} and runs["keep-compile"] > 0

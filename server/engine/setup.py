@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from ..model import moshi_compat
 from ..model.check import default_device, default_dtype, read_layout
 from ..model.echo_step import EchoStepper
 from ..model.moshi_step import MoshiStepper, SamplingConfig
@@ -46,8 +47,10 @@ def build_stepper(
                            delay_frames=echo_delay_frames)
     torch_device = torch.device(device) if device is not None else default_device()
     torch_dtype = dtype if dtype is not None else default_dtype(torch_device)
-    if torch_device.type == "cpu" and cpu_threads is not None:
-        torch.set_num_threads(cpu_threads)
+    if torch_device.type == "cpu":
+        if cpu_threads is not None:
+            torch.set_num_threads(cpu_threads)
+        moshi_compat.disable_torch_compile()  # compiling costs more start-up than it ever saves on a CPU
     model = load_model(source, torch_device, torch_dtype)
     layout = read_layout(model.mimi, model.lm, model.text_tokenizer)
     if layout.takes_persona:

@@ -242,6 +242,9 @@ class MoshiStepper(NoPrompts):
     def warm_up(self, steps: int | None = None) -> None:
         """Run full-batch steps (which also captures the CUDA graphs), then clear every slot."""
         steps = steps if steps is not None else 4 + self.layout.max_delay
+        log.info("warming up: %d steps of all %d slots on %s (%s)", steps, self.batch_size, self.device,
+                 "the first captures CUDA graphs and compiles kernels" if self.device.type == "cuda"
+                 else "no torch.compile on a CPU")
         rows = np.ones(self.batch_size, dtype=bool)
         all_slots = list(range(self.batch_size))
         self.reset_slots(all_slots, all_slots)
