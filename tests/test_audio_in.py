@@ -37,7 +37,7 @@ def dominant_hz(samples: np.ndarray, rate: int) -> float:
     return float(np.fft.rfftfreq(len(samples), 1 / rate)[int(np.argmax(spectrum))])
 
 
-@pytest.mark.parametrize("rate", [8000, 16000, 44100, 48000])
+@pytest.mark.parametrize("rate", [8000, 16000, 24000, 44100, 48000])  # 24 kHz: the engine's own rate
 @pytest.mark.parametrize("layout", ["mono", "stereo"])
 @pytest.mark.parametrize("fmt", ["s16", "flt", "s16p", "fltp"])
 def test_any_input_becomes_float32_mono_24k_at_the_same_level_and_pitch(rate, layout, fmt):
