@@ -46,9 +46,9 @@ def spy(monkeypatch, owner: type, name: str, record) -> None:
     """Wrap `owner.name` for this test: each call runs as before, then `record(self, args, result)`."""
     original = getattr(owner, name)
 
-    def wrapper(self, *args):
-        result = original(self, *args)
-        record(self, args, result)
+    def wrapper(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        record(self, args, result)  # the positional arguments
         return result
 
     monkeypatch.setattr(owner, name, wrapper)
