@@ -39,6 +39,8 @@ RECEIVE_COUNTERS = (
     ("loop_stalls", "moshi_receive_loop_stalls",
      "Times a call's receive clock found the server's event loop held up (its packets held back, not concealed)"),
     ("loop_stalled_ms", "moshi_receive_loop_stalled_milliseconds", "How long those event loop stalls were"),
+    ("frames_over_real_time", "moshi_receive_frames_over_real_time",
+     "Callers' frames dropped because they came faster than real time (the engine steps a slot at most that fast)"),
 )
 
 

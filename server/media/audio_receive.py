@@ -28,6 +28,9 @@ clock back by that much and a packet more; the hold runs off at the loop's
 own speed (playout at twice real time), by which time the packets are read
 and play in their slots. Stalls are counted. The price: the model hears that
 audio late, and the reply's standing delay it leaves is shed downstream.
+
+Frames leave at most at real time (server.media.real_time): a caller whose
+packets come faster than its audio plays has the excess dropped and counted.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import numpy as np
 from ..audio.inbound import InboundAudio
 from .jitter_buffer import Conceal, JitterBuffer, Play, Recover, Silence, Slot
 from .opus_codec import OpusDecoder, OpusError
+from .real_time import RealTimeGate
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,7 @@ class ReceiveStats:
     restarts: int = 0
     loop_stalls: int = 0  # times the server's own event loop was held up and the playout clock held back
     loop_stalled_ms: int = 0  # how long those stalls were, summed
+    frames_over_real_time: int = 0  # engine frames dropped: the caller sent faster than its audio plays
     pauses: int = 0  # losses past 100 ms, after which the stream went on from a later packet
     target_delay_ms: float = 0.0
     buffered_ms: float = 0.0
@@ -94,6 +99,7 @@ class AudioReceiver:
         self.buffer = JitterBuffer(clock_rate=RTP_CLOCK)
         self.decoder = OpusDecoder(sample_rate)
         self.framer = InboundAudio(sample_rate=sample_rate, frame_size=frame_size)
+        self.gate = RealTimeGate(frame_size / sample_rate)
         self._stats = ReceiveStats()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due: float | None = None  # when `_timer` fires
@@ -158,6 +164,9 @@ class AudioReceiver:
                 break
             self._grace_left = GRACE_TURNS
             for frame in self.framer.push_samples(self._render(slot)):
+                if not self.gate.admit(now):
+                    self._stats.frames_over_real_time += 1
+                    continue
                 try:
                     self.on_frame(frame)
                 except Exception:  # the consumer's failure must not stop the clock or reach aiortc
