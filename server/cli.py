@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="behind a reverse proxy: take the client's address from X-Forwarded-For")
     guard.add_argument("--media-timeout", type=float, default=10.0,
                        help="end a call whose caller sends no audio for this many seconds (a vanished caller)")
+    guard.add_argument("--connect-timeout", type=float, default=5.0,
+                       help="end an answered call whose connection is not up this many seconds later (its slot "
+                            "is free again); 0: wait for the media timeout")
     guard.add_argument("--max-call-minutes", type=float, default=60.0,
                        help="end a call after this many minutes; 0: no limit")
     guard.add_argument("--no-exit-on-fatal", dest="exit_on_fatal", action="store_false",
@@ -247,7 +250,8 @@ async def serve(args: argparse.Namespace) -> int:
     model = _first_choice(args)
     engine = _engine_for(args, model)
     config = SignalingConfig(
-        ice=ice, media_timeout_s=args.media_timeout, api_token=args.api_token, cors_origins=tuple(args.cors_origin),
+        ice=ice, media_timeout_s=args.media_timeout, connect_timeout_s=args.connect_timeout or None,
+        api_token=args.api_token, cors_origins=tuple(args.cors_origin),
         max_offers_per_minute=args.max_offers_per_minute, trust_forwarded_for=args.trust_forwarded_for,
         max_call_s=60 * args.max_call_minutes if args.max_call_minutes > 0 else None,
         session_id_prefix=f"{args.replica_id}." if args.replica_id else "", public_url=args.public_url)

@@ -64,6 +64,7 @@ SERVER_RESTART = "server_restart"  # the reason (and kind) of calls a drain had 
 class SignalingConfig:
     ice: IceConfig = field(default_factory=IceConfig)
     media_timeout_s: float = 10.0
+    connect_timeout_s: float | None = 5.0  # an answered call not connected this long gives its slot back
     max_output_buffer_ms: int = 400  # model audio waiting to be sent; past it the oldest is dropped
     max_standing_ms: int = 60  # delay the outbound buffer may hold for a whole second before it is shed
     answer_timeout_s: float = 15.0
@@ -72,6 +73,7 @@ class SignalingConfig:
     api_token: str | None = None  # bearer token for the call API (offer, sessions, WHIP, ICE servers); None: open
     cors_origins: tuple[str, ...] = ()  # other origins whose pages may call the API
     max_offers_per_minute: int = 20  # per client address; 0: no limit
+    max_ice_server_requests_per_minute: int = 60  # GET /ice-servers (fresh TURN credentials) per client; 0: none
     trust_forwarded_for: bool = False  # behind a reverse proxy: the client is X-Forwarded-For's first address
     max_call_s: float | None = 3600.0  # a call ends after this long
     session_id_prefix: str = ""  # the replica's (`r1.`) and a media worker's (`w0.`): routes by id alone
@@ -108,7 +110,10 @@ class SignalingService:
     def app(self) -> web.Application:
         config = self.config
         limit = OfferRateLimit(config.max_offers_per_minute, config.trust_forwarded_for)
-        middlewares = [cors_middleware(config.cors_origins), token_middleware(config.api_token), limit.middleware()]
+        credentials = OfferRateLimit(config.max_ice_server_requests_per_minute, config.trust_forwarded_for,
+                                     paths=("/ice-servers",), method="GET", what="ICE server requests")
+        middlewares = [cors_middleware(config.cors_origins), token_middleware(config.api_token), limit.middleware(),
+                       credentials.middleware()]
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
         app[SERVICE_KEY] = self
         app[METRICS_KEY] = self.metrics
@@ -194,7 +199,8 @@ class SignalingService:
                               media_timeout=self.config.media_timeout_s,
                               max_output_buffer_ms=self.config.max_output_buffer_ms,
                               max_standing_ms=self.config.max_standing_ms, on_end=self._forget,
-                              observer=self.metrics, max_duration_s=self.config.max_call_s)
+                              observer=self.metrics, max_duration_s=self.config.max_call_s,
+                              connect_timeout=self.config.connect_timeout_s)
         try:
             answer = await asyncio.wait_for(session.answer(offer), self.config.answer_timeout_s)
         except RelayUnavailable as exc:

@@ -10,7 +10,8 @@ All three are aiohttp middlewares, wired in `signaling.app`:
   the allow-list; its preflight is answered and a state-changing request from
   any other cross origin gets 403. Same-origin requests (the page) always pass.
 - Offers per client per minute: `POST /offer` and `POST /whip` from one
-  address past the limit get 429 with `Retry-After`.
+  address past the limit get 429 with `Retry-After`; so do ICE server requests
+  (`GET /ice-servers`, which mints TURN credentials) past their own limit.
 """
 
 from __future__ import annotations
@@ -89,9 +90,13 @@ def cors_middleware(allowed_origins: tuple[str, ...]):
 
 
 class OfferRateLimit:
-    """At most `per_minute` offers from one client address in any 60 s."""
+    """At most `per_minute` requests of one kind from one client address in any 60 s: offers (POST /offer,
+    POST /whip) by default, or what `paths` and `method` name (GET /ice-servers, which mints TURN
+    credentials)."""
 
-    def __init__(self, per_minute: int, trust_forwarded_for: bool = False, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, per_minute: int, trust_forwarded_for: bool = False, clock: Callable[[], float] = time.monotonic,
+                 paths: tuple[str, ...] = OFFER_PATHS, method: str = "POST", what: str = "offers"):
+        self.paths, self.method, self.what = paths, method, what
         self.per_minute = per_minute
         self.trust_forwarded_for = trust_forwarded_for
         self.clock = clock
@@ -121,13 +126,13 @@ class OfferRateLimit:
     def middleware(self):
         @web.middleware
         async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
-            if request.method != "POST" or request.path not in OFFER_PATHS or self.per_minute <= 0:
+            if request.method != self.method or request.path not in self.paths or self.per_minute <= 0:
                 return await handler(request)
             wait = self.retry_after(self.client(request))
             if wait is None:
                 return await handler(request)
-            request.app[METRICS_KEY].rejected("rate_limited")
-            return json_error(429, f"too many offers from {self.client(request)}: at most {self.per_minute} "
+            request.app[METRICS_KEY].rejected("rate_limited" if self.paths == OFFER_PATHS else "credentials_rate")
+            return json_error(429, f"too many {self.what} from {self.client(request)}: at most {self.per_minute} "
                                    "a minute", {"Retry-After": str(wait)})
 
         return limit

@@ -16,6 +16,11 @@ from aiortc.sdp import SessionDescription
 from server.model.persona import Persona, PersonaError
 
 MAX_BODY_BYTES = 64 * 1024  # a browser's offer is a few kB; anything this large is not an offer
+# What an offer may hold. aiortc's work grows with the square of the media sections (400 audio sections
+# cost a worker 3 s of CPU), and it sends ICE checks to every candidate it is given (800 candidates: 1761
+# STUN packets to 476 ports, a reflection amplifier at a stranger's bidding).
+MAX_SECTIONS = {"audio": 1, "application": 1, "video": 1}  # video is answered as declined: the model hears only
+MAX_OFFER_CANDIDATES = 32  # a browser with several interfaces, IPv4 and IPv6, UDP and TCP offers about 10-20
 
 
 class OfferRejected(Exception):
@@ -40,6 +45,8 @@ def parse_offer_json(body: bytes, content_type: str) -> Offer:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise OfferRejected(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:  # deeply nested arrays or objects: no offer looks like that
+        raise OfferRejected(400, "the body is not an offer: its JSON is nested too deeply") from None
     if not isinstance(payload, dict):
         raise OfferRejected(400, 'the body must be a JSON object {"sdp": ..., "type": "offer"}')
     if payload.get("type") != "offer":
@@ -56,13 +63,29 @@ def parse_offer_json(body: bytes, content_type: str) -> Offer:
 
 
 def check_offer_sdp(sdp: str) -> None:
-    """The SDP parses, and offers audio with Opus."""
+    """The SDP parses, stays within the limits above, has a DTLS fingerprint, and offers audio with Opus."""
     if not sdp.lstrip().startswith("v=0"):
         raise OfferRejected(400, "the SDP does not parse: it must start with the line v=0")
     try:
         description = SessionDescription.parse(sdp)
     except Exception as exc:
         raise OfferRejected(400, f"the SDP does not parse: {type(exc).__name__}: {exc}") from None
+    kinds = [media.kind for media in description.media]
+    for kind in sorted(set(kinds)):
+        if kind not in MAX_SECTIONS:
+            raise OfferRejected(400, f"the offer has a {kind} section: only audio, video (declined) and a data "
+                                     "channel are taken")
+        if kinds.count(kind) > MAX_SECTIONS[kind]:
+            raise OfferRejected(400, f"the offer has {kinds.count(kind)} {kind} sections: at most "
+                                     f"{MAX_SECTIONS[kind]} is taken (one call is one voice)")
+    candidates = sum(len(media.ice_candidates) for media in description.media)
+    if candidates > MAX_OFFER_CANDIDATES:
+        raise OfferRejected(400, f"the offer lists {candidates} ICE candidates: at most {MAX_OFFER_CANDIDATES} "
+                                 "are taken")
+    unfingerprinted = [media.kind for media in description.media if media.dtls is None or not media.dtls.fingerprints]
+    if unfingerprinted:
+        raise OfferRejected(400, f"the offer's {unfingerprinted[0]} section has no DTLS fingerprint "
+                                 "(a=fingerprint): media is only taken over DTLS-SRTP")
     unnamed = [media.kind for media in description.media if not media.rtp.muxId]
     if unnamed:
         raise OfferRejected(400, f"every media section needs an a=mid line; the {unnamed[0]} section has none")

@@ -16,12 +16,13 @@ exactly as with `POST /offer`. Calls made here are the same sessions as /offer's
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from aiortc import RTCSessionDescription
+from aiortc import RTCIceCandidate, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
 from server.model.persona import Persona
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 SDP = "application/sdp"
 SDPFRAG = "application/trickle-ice-sdpfrag"
+MAX_PATCHES_PER_CALL = 20  # a client trickles as it gathers: a handful of requests
+MAX_PATCH_CANDIDATES = 32  # per request
+MAX_TRICKLED_CANDIDATES = 32  # per call, beside the offer's own (signaling.offer_check.MAX_OFFER_CANDIDATES)
 
 
 def _ice_credentials(sdp: str) -> tuple[str | None, str | None]:
@@ -49,9 +53,53 @@ async def whip_options(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204, headers={"Accept-Post": SDP})
 
 
+class TrickleRejected(ValueError):
+    """A trickled fragment the server does not take; the message says why."""
+
+
+def _trickled_candidates(fragment: str, mids: set[str]) -> list[RTCIceCandidate]:
+    """The candidates of a trickle-ice-sdpfrag, each checked: it parses, names a media section of the offer
+    (a=mid before it), an IP address (or an mDNS .local name), a port, UDP or TCP; at most
+    MAX_PATCH_CANDIDATES of them."""
+    mid = None
+    candidates = []
+    for line in fragment.splitlines():
+        line = line.strip()
+        if line.startswith("a=mid:"):
+            mid = line[len("a=mid:"):]
+        elif line.startswith("a=candidate:"):
+            if len(candidates) == MAX_PATCH_CANDIDATES:
+                raise TrickleRejected(f"at most {MAX_PATCH_CANDIDATES} candidates a PATCH")
+            try:
+                candidate = candidate_from_sdp(line[len("a=candidate:"):])
+            except (ValueError, IndexError, AssertionError) as exc:  # aiortc asserts on too few fields
+                raise TrickleRejected(f"a candidate does not parse: {line[:200]!r} ({exc})") from None
+            if mid is None or mid not in mids:
+                raise TrickleRejected(f"a candidate must follow an a=mid line naming a section of the offer "
+                                      f"({', '.join(sorted(mids))}); got {mid!r}")
+            if not _is_address(candidate.ip) or not 0 < candidate.port < 65536:
+                raise TrickleRejected(f"a candidate's address is not an IP address and port: {line[:200]!r}")
+            if candidate.protocol.lower() not in ("udp", "tcp") or candidate.component not in (1, 2):
+                raise TrickleRejected(f"a candidate must be UDP or TCP, component 1 or 2: {line[:200]!r}")
+            candidate.sdpMid = mid
+            candidates.append(candidate)
+    return candidates
+
+
+def _is_address(host: str) -> bool:
+    if host.endswith(".local") and 0 < len(host) <= 253:
+        return True  # an mDNS name, as browsers hide host addresses behind
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class WhipEndpoint:
     def __init__(self, service: SignalingService):
         self.service = service
+        self._patches: dict[str, int] = {}  # trickle PATCH requests per live call
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("OPTIONS", "/whip", whip_options)
@@ -114,27 +162,38 @@ class WhipEndpoint:
             return json_error(404, "no such WHIP session (it may have ended already)")
         if request.content_type != SDPFRAG:
             return json_error(415, f"a WHIP PATCH must be {SDPFRAG}, got {request.content_type or 'no content type'}")
+        patches = self._patches.get(session.session_id, 0) + 1
+        if patches > MAX_PATCHES_PER_CALL:
+            self.service.metrics.rejected("trickle_limit")
+            return json_error(429, f"at most {MAX_PATCHES_PER_CALL} trickle PATCH requests a call")
+        self._patches[session.session_id] = patches
         fragment = (await request.read()).decode(errors="replace")
         ufrag, pwd = _ice_credentials(fragment)
         current = _ice_credentials(session.remote_sdp)
         if (ufrag and ufrag != current[0]) or (pwd and pwd != current[1]):
             return json_error(422, "ICE restarts are not supported: hang up and call again")
-        mid = None
-        added = 0
-        for line in fragment.splitlines():
-            line = line.strip()
-            if line.startswith("a=mid:"):
-                mid = line[len("a=mid:"):]
-            elif line.startswith("a=candidate:"):
-                try:
-                    candidate = candidate_from_sdp(line[len("a=candidate:"):])
-                except (ValueError, IndexError) as exc:
-                    return json_error(400, f"a candidate does not parse: {line!r} ({exc})")
-                candidate.sdpMid = mid
+        try:
+            candidates = _trickled_candidates(fragment, set(re.findall(r"^a=mid:(\S+)", session.remote_sdp, re.M)))
+        except TrickleRejected as rejected:
+            self.service.metrics.rejected("bad_trickle")
+            return json_error(400, str(rejected))
+        if session.trickled_candidates + len(candidates) > MAX_TRICKLED_CANDIDATES:
+            self.service.metrics.rejected("trickle_limit")
+            return json_error(400, f"at most {MAX_TRICKLED_CANDIDATES} candidates may be trickled to a call")
+        for candidate in candidates:
+            try:
                 await session.add_remote_candidate(candidate)
-                added += 1
-        log.info("whip session %s: %d trickled candidates", session.session_id, added)
+            except Exception as exc:  # noqa: BLE001 - whatever aiortc makes of it, the caller hears why
+                self.service.metrics.rejected("bad_trickle")
+                return json_error(400, f"a candidate was refused: {type(exc).__name__}: {exc}")
+        log.info("whip session %s: %d trickled candidates", session.session_id, len(candidates))
+        self._forget_ended_patches()
         return web.Response(status=204)
+
+    def _forget_ended_patches(self) -> None:
+        if len(self._patches) > 4 * len(self.service.sessions) + 64:
+            for session_id in [key for key in self._patches if key not in self.service.sessions]:
+                del self._patches[session_id]
 
     async def delete(self, request: web.Request) -> web.Response:
         session = self.service.sessions.get(request.match_info["session_id"])

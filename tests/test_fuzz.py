@@ -236,3 +236,100 @@ def test_no_nan_or_overflow_reaches_a_listener(audio):
     assert np.isfinite(sent).all() and np.abs(sent).max() <= 1.0
     bad = ~np.isfinite(samples)
     assert (sent[bad] == 0).all()  # NaN and infinities become silence, not a full-scale click
+
+
+# -- trickled candidates (WHIP PATCH) ------------------------------------------------------------------
+
+def _candidate_line(draw) -> str:
+    field = st.text(alphabet=st.characters(blacklist_characters="\r\n"), max_size=12)
+    parts = [
+        draw(st.sampled_from(["1", "abc", "842163049"]) | field),
+        draw(st.sampled_from(["1", "2", "3", "0"]) | field),
+        draw(st.sampled_from(["udp", "tcp", "UDP", "sctp"]) | field),
+        draw(st.sampled_from(["2130706431", "-1", "99999999999999999999"]) | field),
+        draw(st.sampled_from(["127.0.0.1", "127.0.0.2", "::1", "999.1.1.1", "127.0.0"]) | field),
+        draw(st.sampled_from(["40000", "0", "70000", "-5"]) | field),
+        draw(st.sampled_from(["typ", "type"]) | field),
+        draw(st.sampled_from(["host", "srflx", "relay", "prflx"]) | field),
+    ]
+    extra = draw(st.lists(st.sampled_from(["raddr", "0.0.0.0", "rport", "9", "generation", "0"]) | field,
+                          max_size=4))
+    return "a=candidate:" + " ".join(parts[: draw(st.integers(0, len(parts)))] if draw(st.booleans()) else
+                                     parts + extra)
+
+
+@st.composite
+def sdp_fragments(draw, mid: str = "0") -> str:
+    """trickle-ice-sdpfrag bodies: a=mid, a=candidate with fields right, wrong or missing, and noise."""
+    lines = []
+    for _ in range(draw(st.integers(0, 6))):
+        kind = draw(st.sampled_from(["mid", "candidate", "candidate", "end", "noise"]))
+        if kind == "mid":
+            lines.append("a=mid:" + draw(st.sampled_from([mid, "9", ""]) | st.text(max_size=5)))
+        elif kind == "candidate":
+            lines.append(_candidate_line(draw))
+        elif kind == "end":
+            lines.append("a=end-of-candidates")
+        else:
+            lines.append(draw(st.text(max_size=40)))
+    return "\r\n".join(lines) + "\r\n"
+
+
+@settings(FUZZ, max_examples=2000)
+@given(fragment=sdp_fragments())
+def test_a_trickled_fragment_gives_checked_candidates_or_a_clear_refusal(fragment):
+    from signaling.whip import MAX_PATCH_CANDIDATES, TrickleRejected, _trickled_candidates
+
+    try:
+        candidates = _trickled_candidates(fragment, {"0"})
+    except TrickleRejected as rejected:
+        assert str(rejected)
+        return
+    assert len(candidates) <= MAX_PATCH_CANDIDATES
+    for candidate in candidates:
+        assert candidate.sdpMid == "0" and 0 < candidate.port < 65536 and candidate.protocol.lower() in ("udp", "tcp")
+
+
+@pytest.fixture(scope="module")
+def whip_call(http_server):
+    """One live WHIP call on the fuzz server, for PATCH cases (made after the cases that want no call)."""
+    from aiortc import RTCSessionDescription
+
+    loop, server, http = http_server
+
+    async def start():
+        pc = RTCPeerConnection()
+        pc.addTrack(OutboundAudioTrack(sample_rate=48000))
+        await pc.setLocalDescription(await pc.createOffer())
+        async with http.post(server.url + "/whip", data=pc.localDescription.sdp,
+                             headers={"Content-Type": "application/sdp"}) as response:
+            assert response.status == 201
+            location, answer = response.headers["Location"], await response.text()
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        return pc, location
+
+    pc, location = loop.run_until_complete(start())
+    session = server.service.sessions[location.rsplit("/", 1)[1]]
+    mid = re.search(r"^a=mid:(\S+)", session.remote_sdp, re.MULTILINE).group(1)
+    yield server.url + location, mid
+    loop.run_until_complete(session.hang_up("fuzz case done"))
+    loop.run_until_complete(pc.close())
+
+
+@settings(FUZZ, max_examples=150)
+@given(data=st.data())
+def test_the_whip_patch_endpoint_never_answers_5xx(http_server, whip_call, data):
+    loop, server, http = http_server
+    url, mid = whip_call
+    fragment = data.draw(sdp_fragments(mid=mid))
+
+    async def patch() -> int:
+        async with http.patch(url, data=fragment.encode(), headers={"Content-Type": SDPFRAG_TYPE}) as response:
+            await response.read()
+            return response.status
+
+    status = loop.run_until_complete(patch())
+    assert status < 500, (status, fragment[:200])
+
+
+SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"

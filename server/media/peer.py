@@ -94,9 +94,12 @@ class CallSession:
         on_end: Callable[[CallSession], None] | None = None,
         observer: CallObserver | None = None,
         max_duration_s: float | None = None,
+        connect_timeout: float | None = None,
     ):
         """`media_timeout`: end the call when the caller sends no audio that long (a vanished caller is
-        noticed then, long before ICE consent expires). `max_duration_s`: end it after that long."""
+        noticed then, long before ICE consent expires). `max_duration_s`: end it after that long.
+        `connect_timeout`: end it when its connection is not up that long after the answer, so an offer
+        nobody follows up (or a stranger's, sent to hold a slot) gives its slot back in seconds."""
         self.session_id = session_id
         self.engine = engine
         self.call = call
@@ -124,12 +127,15 @@ class CallSession:
         self._ending = False
         self.observer = observer
         self.max_duration_s = max_duration_s
+        self.connect_timeout = connect_timeout
+        self._connect_timer: asyncio.TimerHandle | None = None
         self.path: str | None = None  # "relay" or "direct" once media flows
         self.mouth_to_ear_estimate_s: float | None = None
         self._counted = False
         self._duration_timer: asyncio.TimerHandle | None = None
         self._no_track_timer: asyncio.TimerHandle | None = None
         self._failures: aiortc_compat.TransportFailures | None = None
+        self.trickled_candidates = 0
         if call.prompt is not None:
             self._spawn(self._announce_prompt())
         self.pc.on("track", self._on_track)
@@ -174,6 +180,8 @@ class CallSession:
         self.stats.answered_at = time.monotonic()
         if self._reader is None:  # no audio track came with the offer: nothing will ever start the reader
             self._no_track_timer = asyncio.get_running_loop().call_later(self.media_timeout, self._no_track)
+        if self.connect_timeout is not None:
+            self._connect_timer = asyncio.get_running_loop().call_later(self.connect_timeout, self._not_connected)
         if self.relay_only and " typ relay" not in self.pc.localDescription.sdp:
             raise RelayUnavailable(
                 "the server got no TURN relay candidate: the TURN server is unreachable or refused "
@@ -181,6 +189,10 @@ class CallSession:
             )
         local = self.pc.localDescription
         return RTCSessionDescription(sdp=with_opus_fec(local.sdp), type=local.type)
+
+    def _not_connected(self) -> None:
+        if self.stats.connected_at is None and not self._ending:
+            self.fail(*self._never_connected_cause(self.connect_timeout, "after the answer"))
 
     def _no_track(self) -> None:
         if self._reader is None and not self._ending:
@@ -239,10 +251,10 @@ class CallSession:
             return failures.dtls, "dtls_failed"
         return None
 
-    def _never_connected_cause(self) -> tuple[str, str]:
-        """Why no audio came in the media timeout when the connection never came up, in the caller's terms:
-        aioice waits on an offer without candidates for ever, and gives unanswered checks a minute."""
-        waited = f"{self.media_timeout:g} s"
+    def _never_connected_cause(self, seconds: float | None = None, since: str = "") -> tuple[str, str]:
+        """Why the connection never came up in `seconds` (the media timeout unless said), in the caller's
+        terms: aioice waits on an offer without candidates for ever, and gives unanswered checks a minute."""
+        waited = f"{self.media_timeout if seconds is None else seconds:g} s" + (f" {since}" if since else "")
         candidates = sum(len(t.receiver.transport.transport.getRemoteCandidates()) for t in self.pc.getTransceivers())
         if candidates == 0:
             return (f"the caller sent no ICE candidates in {waited} (none in its offer, none trickled): a "
@@ -419,8 +431,9 @@ class CallSession:
         try:
             if self._duration_timer is not None:
                 self._duration_timer.cancel()
-            if self._no_track_timer is not None:
-                self._no_track_timer.cancel()
+            for timer in (self._no_track_timer, self._connect_timer):
+                if timer is not None:
+                    timer.cancel()
             log.info("session %s: ending (%s)", self.session_id, reason)
             self.send_event(events.Bye(reason))
             tasks = {task for task in self._tasks if task is not asyncio.current_task()}
@@ -449,7 +462,8 @@ class CallSession:
         return description.sdp if description is not None else ""
 
     async def add_remote_candidate(self, candidate: RTCIceCandidate) -> None:
-        """A candidate the caller trickled after its offer (WHIP PATCH)."""
+        """A candidate the caller trickled after its offer (WHIP PATCH; signaling bounds how many)."""
+        self.trickled_candidates += 1
         await self.pc.addIceCandidate(candidate)
 
     @property
