@@ -6,6 +6,7 @@ asserts what the legitimate caller, from 127.0.0.1, gets afterwards or meanwhile
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import aiohttp
@@ -163,3 +164,32 @@ async def test_ice_servers_mint_credentials_only_with_the_token_and_at_a_bounded
                 assert 'moshi_calls_rejected_total{reason="credentials_rate"} 2.0' in await response.text()
     finally:
         await stop_server(server)
+
+
+async def test_offered_video_is_declined_and_the_call_goes_on(server):
+    """A WHIP encoder (OBS, say) offers video beside audio: the answer declines it (a=inactive), so nothing
+    is received or decoded for it (an unread track's queue grows), and the audio call works."""
+    from aiortc import RTCSessionDescription
+
+    from server.media.audio_out import OutboundAudioTrack
+
+    pc = RTCPeerConnection()
+    voice = OutboundAudioTrack(sample_rate=48000, max_buffer_ms=5000)
+    voice.push(np.zeros(48000 * 3, np.float32) + 0.05)
+    pc.addTrack(voice)
+    pc.addTransceiver("video", direction="sendrecv")
+    try:
+        await pc.setLocalDescription(await pc.createOffer())
+        async with aiohttp.ClientSession() as http:
+            offer = {"sdp": pc.localDescription.sdp, "type": "offer"}
+            async with http.post(f"{server.url}/offer", json=offer) as response:
+                assert response.status == 200
+                answer = await response.json()
+        assert re.search(r"^m=video .*?^a=inactive", answer["sdp"], re.MULTILINE | re.DOTALL)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))
+        session = server.service.sessions[answer["session_id"]]
+        while session.call.stats.frames_in < 5 and not session.ended.is_set():
+            await asyncio.sleep(0.05)
+        assert session.call.stats.frames_in >= 5 and not session.ended.is_set()
+    finally:
+        await pc.close()

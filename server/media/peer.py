@@ -170,6 +170,9 @@ class CallSession:
         audio = self.pc.addTransceiver("audio", direction="sendrecv")
         audio.setCodecPreferences(OPUS_ONLY)
         await self.pc.setRemoteDescription(offer)
+        for other in self.pc.getTransceivers():
+            if other is not audio:  # offered video is declined: nobody would read it (an unread track grows)
+                other.direction = "inactive"
         self._failures = aiortc_compat.watch_transport_failures(self.pc)  # before ICE starts
         aiortc_compat.tap_audio_receiver(audio.receiver, self.receiver.on_packet)  # aiortc's decoder sees nothing
         aiortc_compat.count_unroutable_rtp(audio.receiver, self.receiver.on_unroutable_packet)
