@@ -13,7 +13,7 @@ import aiohttp
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
-from conftest import start_server, stop_server
+from conftest import aiortc_offer, start_server, stop_server
 from test_whip import SDP, SDPFRAG, WhipClient
 
 from server.caller import place_call
@@ -38,16 +38,6 @@ async def server():
                                  SignalingConfig(media_timeout_s=5.0, connect_timeout_s=1.0, max_offers_per_minute=0))
     yield running
     await stop_server(running)
-
-
-async def aiortc_offer() -> str:
-    pc = RTCPeerConnection()
-    pc.addTransceiver("audio", direction="sendrecv")
-    pc.createDataChannel("events")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
 
 
 async def assert_a_caller_gets_through(server) -> None:

@@ -15,6 +15,7 @@ import av
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
+from conftest import aiortc_offer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,20 +30,7 @@ from signaling.offer_check import OfferRejected, check_offer_sdp, parse_offer_js
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-def _valid_offer() -> str:
-    async def make() -> str:
-        pc = RTCPeerConnection()
-        pc.addTransceiver("audio", direction="sendrecv")
-        pc.createDataChannel("events")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
-    return asyncio.run(make())
-
-
-OFFER = _valid_offer()
+OFFER = asyncio.run(aiortc_offer())
 LINES = OFFER.splitlines()
 
 json_values = st.recursive(

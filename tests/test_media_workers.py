@@ -38,28 +38,33 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Front:
-    def __init__(self, workers: MediaWorkers, runner: web.AppRunner, url: str):
-        self.workers, self.runner, self.url = workers, runner, url
+    def __init__(self, engine, workers: MediaWorkers | None, runner: web.AppRunner, url: str):
+        self.engine, self.workers, self.runner, self.url = engine, workers, runner, url
 
 
-async def start_front(max_calls: int, worker_count: int) -> Front:
+async def start_front(max_calls: int, worker_count: int, config: SignalingConfig | None = None) -> Front:
+    """The echo engine and the signaling front on loopback; `worker_count` 0: media in the front's process."""
     engine = create_engine(ModelSource("echo"), max_calls=max_calls, echo_delay_frames=1)
     await engine.start()
-    config = SignalingConfig(media_timeout_s=5.0)
-    workers = MediaWorkers(engine, worker_count, config, worker_main, host_addresses=["127.0.0.1"], log_level="WARNING")
-    await workers.start()
+    config = config or SignalingConfig(media_timeout_s=5.0)
+    workers = None
+    if worker_count:
+        workers = MediaWorkers(engine, worker_count, config, worker_main, host_addresses=["127.0.0.1"],
+                               log_level="WARNING")
+        await workers.start()
     runner = web.AppRunner(SignalingService(engine, config, workers=workers).app())
     await runner.setup()
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))
     await web.SockSite(runner, listening).start()
-    return Front(workers, runner, f"http://127.0.0.1:{listening.getsockname()[1]}")
+    return Front(engine, workers, runner, f"http://127.0.0.1:{listening.getsockname()[1]}")
 
 
 async def stop_front(front: Front) -> None:
-    await front.workers.stop()
+    if front.workers is not None:
+        await front.workers.stop()
     await front.runner.cleanup()
-    await front.workers.engine.stop()
+    await front.engine.stop()
 
 
 class Caller:

@@ -147,30 +147,12 @@ async def test_options_is_the_same_in_every_mode_and_ice_servers_come_only_with_
     """OPTIONS /whip answers 204 with Accept-Post and no ICE servers, with media in workers (the default: the
     front answers it) or in the front's own process; TURN credentials leave only with the 201 answer (RFC
     9725), never in an OPTIONS answer, a CORS preflight from the server's own origin included."""
-    import socket
-
-    from aiohttp import web
-
-    from server.media.workers import MediaWorkers
-    from server.worker import worker_main
-    from signaling.app import SignalingService
+    from test_media_workers import start_front, stop_front
 
     ice = IceConfig((IceServer(("stun:127.0.0.1:3478",)),), turn_urls=("turn:127.0.0.1:3479?transport=udp",),
                     turn_secret="s3cret")
-    config = SignalingConfig(ice=ice, media_timeout_s=5.0)
-    engine = create_engine(ModelSource("echo"), max_calls=1)
-    await engine.start()
-    workers = None
-    if media_workers:
-        workers = MediaWorkers(engine, media_workers, config, worker_main, host_addresses=["127.0.0.1"],
-                               log_level="WARNING")
-        await workers.start()
-    runner = web.AppRunner(SignalingService(engine, config, workers=workers).app())
-    await runner.setup()
-    listening = socket.socket()
-    listening.bind(("127.0.0.1", 0))
-    await web.SockSite(runner, listening).start()
-    url = f"http://127.0.0.1:{listening.getsockname()[1]}"
+    front = await start_front(1, media_workers, SignalingConfig(ice=ice, media_timeout_s=5.0))
+    url = front.url
     client = WhipClient(url)
     try:
         async with aiohttp.ClientSession() as http:
@@ -189,7 +171,4 @@ async def test_options_is_the_same_in_every_mode_and_ice_servers_come_only_with_
                 assert response.status == 200
     finally:
         await client.pc.close()
-        if workers is not None:
-            await workers.stop()
-        await runner.cleanup()
-        await engine.stop()
+        await stop_front(front)
