@@ -111,7 +111,8 @@ class SignalingService:
         config = self.config
         limit = OfferRateLimit(config.max_offers_per_minute, config.trust_forwarded_for)
         credentials = OfferRateLimit(config.max_ice_server_requests_per_minute, config.trust_forwarded_for,
-                                     paths=("/ice-servers",), method="GET", what="ICE server requests")
+                                     paths=("/ice-servers",), method="GET", what="ICE server requests",
+                                     reason="credentials_rate")
         middlewares = [cors_middleware(config.cors_origins), token_middleware(config.api_token), limit.middleware(),
                        credentials.middleware()]
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)

@@ -95,8 +95,10 @@ class OfferRateLimit:
     credentials)."""
 
     def __init__(self, per_minute: int, trust_forwarded_for: bool = False, clock: Callable[[], float] = time.monotonic,
-                 paths: tuple[str, ...] = OFFER_PATHS, method: str = "POST", what: str = "offers"):
-        self.paths, self.method, self.what = paths, method, what
+                 paths: tuple[str, ...] = OFFER_PATHS, method: str = "POST", what: str = "offers",
+                 reason: str = "rate_limited"):
+        """`reason`: what a refusal is counted as in moshi_calls_rejected_total."""
+        self.paths, self.method, self.what, self.reason = paths, method, what, reason
         self.per_minute = per_minute
         self.trust_forwarded_for = trust_forwarded_for
         self.clock = clock
@@ -131,7 +133,7 @@ class OfferRateLimit:
             wait = self.retry_after(self.client(request))
             if wait is None:
                 return await handler(request)
-            request.app[METRICS_KEY].rejected("rate_limited" if self.paths == OFFER_PATHS else "credentials_rate")
+            request.app[METRICS_KEY].rejected(self.reason)
             return json_error(429, f"too many {self.what} from {self.client(request)}: at most {self.per_minute} "
                                    "a minute", {"Retry-After": str(wait)})
 

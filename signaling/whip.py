@@ -99,7 +99,6 @@ def _is_address(host: str) -> bool:
 class WhipEndpoint:
     def __init__(self, service: SignalingService):
         self.service = service
-        self._patches: dict[str, int] = {}  # trickle PATCH requests per live call
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_route("OPTIONS", "/whip", whip_options)
@@ -162,11 +161,10 @@ class WhipEndpoint:
             return json_error(404, "no such WHIP session (it may have ended already)")
         if request.content_type != SDPFRAG:
             return json_error(415, f"a WHIP PATCH must be {SDPFRAG}, got {request.content_type or 'no content type'}")
-        patches = self._patches.get(session.session_id, 0) + 1
-        if patches > MAX_PATCHES_PER_CALL:
+        if session.trickle_requests >= MAX_PATCHES_PER_CALL:
             self.service.metrics.rejected("trickle_limit")
             return json_error(429, f"at most {MAX_PATCHES_PER_CALL} trickle PATCH requests a call")
-        self._patches[session.session_id] = patches
+        session.trickle_requests += 1
         fragment = (await request.read()).decode(errors="replace")
         ufrag, pwd = _ice_credentials(fragment)
         current = _ice_credentials(session.remote_sdp)
@@ -187,13 +185,7 @@ class WhipEndpoint:
                 self.service.metrics.rejected("bad_trickle")
                 return json_error(400, f"a candidate was refused: {type(exc).__name__}: {exc}")
         log.info("whip session %s: %d trickled candidates", session.session_id, len(candidates))
-        self._forget_ended_patches()
         return web.Response(status=204)
-
-    def _forget_ended_patches(self) -> None:
-        if len(self._patches) > 4 * len(self.service.sessions) + 64:
-            for session_id in [key for key in self._patches if key not in self.service.sessions]:
-                del self._patches[session_id]
 
     async def delete(self, request: web.Request) -> web.Response:
         session = self.service.sessions.get(request.match_info["session_id"])

@@ -135,7 +135,8 @@ class CallSession:
         self._duration_timer: asyncio.TimerHandle | None = None
         self._no_track_timer: asyncio.TimerHandle | None = None
         self._failures: aiortc_compat.TransportFailures | None = None
-        self.trickled_candidates = 0
+        self.trickled_candidates = 0  # counted here, bounded by signaling (WHIP PATCH)
+        self.trickle_requests = 0  # WHIP PATCH requests taken, counted and bounded by signaling
         if call.prompt is not None:
             self._spawn(self._announce_prompt())
         self.pc.on("track", self._on_track)
