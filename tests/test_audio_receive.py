@@ -142,6 +142,35 @@ def test_a_stall_of_the_servers_own_loop_loses_none_of_the_packets_it_held_up():
         assert len(frames) == (stats.played + stats.lost) * 480 // 1920
 
 
+def test_a_stall_while_a_missing_slot_waits_its_loop_turns_is_a_stall_too():
+    """Packet 50 is not there when its slot falls due, so the slot waits a loop turn for it, with no slot
+    timer set; then the loop is held up 300 ms. The grace turn, due in the very next turn, runs 300 ms late:
+    that is a stall like a late timer, counted and held back, and the packets of that time play in their
+    slots. (Without it: 15 slots concealed, their packets dropped as late.)"""
+    rx, frames, clock = receiver()
+    for i, payload in enumerate(PACKETS[:50]):
+        clock.advance_to(0.02 * i + 0.01)
+        rx.on_packet(1, i, 960 * i, payload)
+    while rx.stats.played < 50:
+        clock.advance_to(rx.buffer.due_at())
+    due = rx.buffer.due_at()  # slot 50's; its slot timer is set and fires first at `due`
+
+    def stall():  # runs after that timer, before the grace turn it asks for
+        clock.now = due + 0.3
+
+    clock.call_at(due, stall)
+    clock.advance_to(due)
+    assert rx.stats.lost == 0 and rx.stats.loop_stalls == 1
+    for i, payload in enumerate(PACKETS[50:], start=50):
+        clock.advance_to(max(0.02 * i + 0.01, clock.now))
+        rx.on_packet(1, i, 960 * i, payload)
+    clock.advance_to(3.0)
+    stats = rx.stats
+    assert stats.loop_stalls == 1 and 290 <= stats.loop_stalled_ms <= 310
+    assert stats.late == 0 and stats.lost == 5  # 5: the end of the stream, as always
+    assert stats.played == len(PACKETS)
+
+
 def test_a_packet_read_in_the_turn_its_slot_falls_due_is_played_not_concealed():
     """Packet 50 reaches the socket as its slot falls due: asyncio runs the slot timer in that turn, and aiortc
     hands us the packet a turn later. The slot waits a few loop turns (each reads pending I/O first) before it

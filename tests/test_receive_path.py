@@ -177,12 +177,13 @@ async def test_a_stall_of_the_servers_loop_conceals_nothing(server, recorded, mo
         time.sleep(0.4)
         stalled["to"] = loop.time()
 
-    timer = loop.call_later(2.0, stall)
-    try:
-        session, stats, frames = await call_through(server, recorded, relay=None)
-    finally:
-        timer.cancel()
-    assert stats.loop_stalls >= 1 and stats.loop_stalled_ms >= 200
+    def stall_mid_call(buffer, args, result):  # 1.5 s into the caller's 4 s, wherever setup left it
+        if len(log.adds) == 75:
+            loop.call_soon(stall)
+
+    spy(monkeypatch, JitterBuffer, "add", stall_mid_call)
+    session, stats, frames = await call_through(server, recorded, relay=None)
+    assert "to" in stalled and stats.loop_stalls >= 1 and stats.loop_stalled_ms >= 200
     # Without the guards, this stall alone pauses the stream, and 9 of its packets are lost, 5 of them late.
     assert stats.pauses == 0 and stats.restarts == 0
     outcomes, meant_at = log.outcomes(), log.meant_at()

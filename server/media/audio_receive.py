@@ -22,8 +22,9 @@ starved core), the caller's packets of that time wait unread in the socket,
 and the slot timer may fire before they are read (aiortc carries a packet
 from the socket to us over a loop turn or two): it must not conceal them.
 So a slot found missing is called lost only after `GRACE_TURNS` more loop
-turns, each of which reads pending I/O first. And a timer late by more than
-`STALL_TOLERANCE_S` (a long stall, many packets waiting) holds the playout
+turns, each of which reads pending I/O first. And a slot timer, or a grace
+turn, late by more than `STALL_TOLERANCE_S` (a long stall, many packets
+waiting) holds the playout
 clock back by that much and a packet more; the hold runs off at the loop's
 own speed (playout at twice real time), by which time the packets are read
 and play in their slots. Stalls are counted. The price: the model hears that
@@ -108,6 +109,7 @@ class AudioReceiver:
         self._hold_since = 0.0
         self._grace_left = GRACE_TURNS  # turns the slot now missing may still wait
         self._grace: asyncio.Handle | None = None
+        self._grace_since = 0.0  # when `_grace` was asked for: it is due in the very next loop turn
         self.last_packet_at: float | None = None  # loop time
 
     # -- in -------------------------------------------------------------------------------------
@@ -158,6 +160,7 @@ class AudioReceiver:
                 self._grace_left -= 1  # the packet may be read in the next turn: look again then
                 if self._grace is None:
                     self._grace = self.loop.call_soon(self._on_grace_turn)
+                    self._grace_since = now
                 return
             slot = self.buffer.pop(playout)
             if slot is None:
@@ -180,19 +183,28 @@ class AudioReceiver:
         self._timer_due = due
 
     def _on_grace_turn(self) -> None:
+        now = self.loop.time()
         self._grace = None
+        self._note_stall(now, now - self._grace_since)
         self._drain()
 
     def _on_timer(self) -> None:
         now = self.loop.time()
         late = now - self._timer_due if self._timer_due is not None else 0.0
         self._timer = self._timer_due = None
-        if late > STALL_TOLERANCE_S:  # the loop was held up: the packets of that time may be unread yet
-            self._stats.loop_stalls += 1
-            self._stats.loop_stalled_ms += round(1000 * late)
-            self._hold_s = max(self._held_back(now), late + self.buffer.packet_ticks / RTP_CLOCK)
-            self._hold_since = now
+        self._note_stall(now, late)
         self._drain()
+
+    def _note_stall(self, now: float, late: float) -> None:
+        """A slot timer, or a grace turn (due in the next turn), ran `late`: past the tolerance, the loop was
+        held up and the packets of that time may be unread yet, so the playout clock holds back. A stall can
+        find either one pending: a grace turn waits for a missing packet with no slot timer set."""
+        if late <= STALL_TOLERANCE_S:
+            return
+        self._stats.loop_stalls += 1
+        self._stats.loop_stalled_ms += round(1000 * late)
+        self._hold_s = max(self._held_back(now), late + self.buffer.packet_ticks / RTP_CLOCK)
+        self._hold_since = now
 
     def _held_back(self, now: float) -> float:
         """How far the playout clock runs behind the loop's now: a stall's hold, running off at 1 s per s."""
@@ -202,8 +214,9 @@ class AudioReceiver:
         """The loop time at which the playout clock reaches `due`."""
         if due is None or self._held_back(due) == 0.0:
             return due
-        # playout(t) = t - (hold - (t - since)) = 2t - hold - since, while the hold lasts
-        return (due + self._hold_s + self._hold_since) / 2
+        # playout(t) = t - (hold - (t - since)) = 2t - hold - since, while the hold lasts; a microsecond more,
+        # or rounding can leave playout a hair short of `due` when the timer fires, and it fires again at once
+        return (due + self._hold_s + self._hold_since) / 2 + 1e-6
 
     def _render(self, slot: Slot) -> np.ndarray:
         """Exactly the slot's duration of audio, whatever libopus returns."""
