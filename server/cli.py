@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: same origin only")
     guard.add_argument("--max-offers-per-minute", type=int, default=20,
                        help="offers (/offer, /whip) one client address may make per minute; 0: no limit")
+    guard.add_argument("--max-calls-per-client", type=int, default=None,
+                       help="calls one client address may hold at once, connected or being set up (default: a "
+                            "quarter of --max-calls, at least 1); 0: no limit")
     guard.add_argument("--trust-forwarded-for", action="store_true",
                        help="behind a reverse proxy: take the client's address from X-Forwarded-For")
     guard.add_argument("--media-timeout", type=float, default=10.0,
@@ -253,6 +256,7 @@ async def serve(args: argparse.Namespace) -> int:
         ice=ice, media_timeout_s=args.media_timeout, connect_timeout_s=args.connect_timeout or None,
         api_token=args.api_token, cors_origins=tuple(args.cors_origin),
         max_offers_per_minute=args.max_offers_per_minute, trust_forwarded_for=args.trust_forwarded_for,
+        max_calls_per_client=args.max_calls_per_client,
         max_call_s=60 * args.max_call_minutes if args.max_call_minutes > 0 else None,
         session_id_prefix=f"{args.replica_id}." if args.replica_id else "", public_url=args.public_url)
     worker_count = default_worker_count(args.max_calls) if args.media_workers is None else args.media_workers

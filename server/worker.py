@@ -40,7 +40,8 @@ async def _serve(index: int, engine_path: str, config, host_addresses: list[str]
     use_host_addresses(host_addresses)
     config = dataclasses.replace(config, session_id_prefix=config.session_id_prefix + session_prefix(index),
                                  api_token=None, cors_origins=(), max_offers_per_minute=0,
-                                 turn_check_interval_s=None)  # the front checks TURN
+                                 turn_check_interval_s=None,  # the front checks TURN
+                                 trust_forwarded_for=True)  # the front says who calls, for the per-client share
     engine = RemoteEngine(engine_path)
     service = SignalingService(engine, config)
     runner = web.AppRunner(service.app(), access_log=None)

@@ -35,7 +35,7 @@ from pathlib import Path
 from aiohttp import web
 from aiortc import RTCSessionDescription
 
-from server.engine import Engine, EngineFull, EngineNotReady
+from server.engine import ClientAtLimit, Engine, EngineFull, EngineNotReady
 from server.media.ice import IceConfig
 from server.media.peer import CallSession, RelayUnavailable
 from server.media.turn_check import TurnMonitor
@@ -45,7 +45,7 @@ from server.model.persona import Persona, PersonaError
 from .ended import EndedSessions
 from .errors import SessionRefused, json_error
 from .forward import CallForwarder, WorkerTotals, merge_expositions
-from .guards import OfferRateLimit, cors_middleware, token_middleware
+from .guards import OfferRateLimit, client_of, cors_middleware, token_middleware
 from .metrics import CONTENT_TYPE, METRICS_KEY, ServiceMetrics, TurnTotals
 from .offer_check import MAX_BODY_BYTES, OfferRejected, parse_offer_json
 from .whip import WhipEndpoint, whip_options
@@ -58,6 +58,12 @@ SERVICE_KEY = web.AppKey("service", "SignalingService")
 
 
 SERVER_RESTART = "server_restart"  # the reason (and kind) of calls a drain had to end
+
+
+def default_calls_per_client(max_calls: int) -> int:
+    """A quarter of the lines, at least one: two strangers together hold at most half of them, and an office
+    behind one NAT address still gets several lines on a server of any size (16 of 64)."""
+    return max(1, -(-max_calls // 4))
 
 
 @dataclass
@@ -73,6 +79,8 @@ class SignalingConfig:
     api_token: str | None = None  # bearer token for the call API (offer, sessions, WHIP, ICE servers); None: open
     cors_origins: tuple[str, ...] = ()  # other origins whose pages may call the API
     max_offers_per_minute: int = 20  # per client address; 0: no limit
+    max_calls_per_client: int | None = None  # calls one client holds, connected or being set up; None: a quarter
+    # of the lines, at least one (`default_calls_per_client`); 0: no limit
     max_ice_server_requests_per_minute: int = 60  # GET /ice-servers (fresh TURN credentials) per client; 0: none
     trust_forwarded_for: bool = False  # behind a reverse proxy: the client is X-Forwarded-For's first address
     max_call_s: float | None = 3600.0  # a call ends after this long
@@ -94,7 +102,8 @@ class SignalingService:
         self.ended = EndedSessions(self.config.ended_sessions_kept, self.config.ended_session_keep_s)
         self.metrics = ServiceMetrics(lambda: self.engine, lambda: list(self.sessions.values()))
         self.workers = workers
-        self.forwarder = CallForwarder(workers, gate=self.admission_refusal) if workers is not None else None
+        self.forwarder = CallForwarder(workers, gate=self.admission_refusal, client_of=self.client) if (
+            workers is not None) else None
         if workers is not None:
             self.metrics.registry.register(WorkerTotals(workers))
         self.turn: TurnMonitor | None = None
@@ -165,17 +174,29 @@ class SignalingService:
             self.metrics.rejected("bad_offer")
             return json_error(rejected.status, rejected.message)
         try:
-            session, answer = await self.start_session(offer.description, offer.persona)
+            session, answer = await self.start_session(offer.description, offer.persona, self.client(request))
         except SessionRefused as refused:
             return refused.response()
         return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.session_id,
                                   "session_url": self.session_url("sessions", session.session_id)})
 
+    def client(self, request: web.Request) -> str:
+        """Who is calling (signaling.guards.client_of): behind the front of media workers, the front says."""
+        return client_of(request, self.config.trust_forwarded_for)
+
+    def calls_per_client(self) -> int | None:
+        """The most calls one client may hold at once (None: no limit)."""
+        limit = self.config.max_calls_per_client
+        if limit is None:
+            return default_calls_per_client(self.engine.batch_size)
+        return limit if limit > 0 else None
+
     async def start_session(
-        self, offer: RTCSessionDescription, persona: Persona | None = None
+        self, offer: RTCSessionDescription, persona: Persona | None = None, client: str | None = None
     ) -> tuple[CallSession, RTCSessionDescription]:
-        """Check the persona, take a slot, make the peer, answer. Raises SessionRefused, leaving no peer
-        and no slot behind. A model that takes a persona gets the caller's, or its default one."""
+        """Check the persona, take a slot (within `client`'s share), make the peer, answer. Raises
+        SessionRefused, leaving no peer and no slot behind. A model that takes a persona gets the caller's,
+        or its default one."""
         retry = {"Retry-After": str(self.config.retry_after_s)}
         refusal = await self.admission_refusal()
         if refusal is not None:
@@ -184,7 +205,11 @@ class SignalingService:
             plan = None
             if persona is not None or self.engine.prompt_book is not None:
                 plan = self.engine.plan_persona(persona)
-            call = await self.engine.open_call(prompt=plan)
+            call = await self.engine.open_call(prompt=plan, client=client, client_limit=self.calls_per_client())
+        except ClientAtLimit as exc:
+            log.warning("offer from %s refused: %s", client, exc)
+            self.metrics.rejected("client_limit")
+            raise SessionRefused(429, f"{exc}: hang one up first", retry) from None
         except PersonaError as exc:
             log.info("persona refused: %s", exc)
             self.metrics.rejected("persona")
@@ -201,7 +226,7 @@ class SignalingService:
                               max_output_buffer_ms=self.config.max_output_buffer_ms,
                               max_standing_ms=self.config.max_standing_ms, on_end=self._forget,
                               observer=self.metrics, max_duration_s=self.config.max_call_s,
-                              connect_timeout=self.config.connect_timeout_s)
+                              connect_timeout=self.config.connect_timeout_s, client=client)
         try:
             answer = await asyncio.wait_for(session.answer(offer), self.config.answer_timeout_s)
         except RelayUnavailable as exc:

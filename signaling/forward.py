@@ -37,11 +37,15 @@ ENGINE_METRICS = {"moshi_input_frames_dropped", "moshi_engine_steps", "moshi_eng
 
 class CallForwarder:
     def __init__(self, workers: MediaWorkers, timeout_s: float = 30.0,
-                 gate: Callable[[], Awaitable[SessionRefused | None]] | None = None):
+                 gate: Callable[[], Awaitable[SessionRefused | None]] | None = None,
+                 client_of: Callable[[web.Request], str] | None = None):
         """`gate`: asked before a new call is forwarded; a refusal goes back as it is (relay-only with
-        TURN down: the front knows, its workers do not check TURN themselves)."""
+        TURN down: the front knows, its workers do not check TURN themselves). `client_of`: who sent a new
+        call, passed on as X-Forwarded-For (a worker trusts its front) for the per-client share of the lines,
+        which the engine, in the front, counts over all workers."""
         self.workers = workers
         self.gate = gate
+        self.client_of = client_of
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._http: aiohttp.ClientSession | None = None
 
@@ -67,8 +71,9 @@ class CallForwarder:
         worker = self.workers.pick()
         if worker is None:
             return json_error(503, "no media worker is running; try again shortly", {"Retry-After": "2"})
+        client = {"X-Forwarded-For": self.client_of(request)} if self.client_of is not None else {}
         with self.workers.offer_under_way(worker):
-            return await self._forward(request, worker)
+            return await self._forward(request, worker, client)
 
     async def existing_call(self, request: web.Request) -> web.Response:
         worker = self.workers.holding(request.match_info["session_id"])
@@ -76,9 +81,10 @@ class CallForwarder:
             return json_error(404, "no such session (it may have ended already)")
         return await self._forward(request, worker)
 
-    async def _forward(self, request: web.Request, worker: WorkerProcess) -> web.Response:
+    async def _forward(self, request: web.Request, worker: WorkerProcess, extra: dict | None = None) -> web.Response:
         body = await request.read()
         headers = {name: request.headers[name] for name in REQUEST_HEADERS if name in request.headers}
+        headers.update(extra or {})
         url = f"http://127.0.0.1:{worker.link.http_port}{request.rel_url}"
         try:
             async with self._client().request(request.method, url, data=body, headers=headers) as answer:

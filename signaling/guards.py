@@ -1,5 +1,8 @@
 """What stands between the internet and the model: a token, an origin allow-list, an offer rate limit.
 
+(Who a client is, `client_of`, is shared with the per-client share of the call slots, which the engine
+counts where it grants slots: see `SignalingService.start_session`.)
+
 All three are aiohttp middlewares, wired in `signaling.app`:
 
 - `token`: with one set, the call API (`/offer`, `/sessions/*`, `/whip*`,
@@ -33,6 +36,14 @@ OFFER_PATHS = ("/offer", "/whip")
 ALLOWED_HEADERS = "Authorization, Content-Type, If-Match"
 EXPOSED_HEADERS = "Location, Link, ETag, Retry-After"
 ALLOWED_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
+
+
+def client_of(request: web.Request, trust_forwarded_for: bool) -> str:
+    """Who sent the request: the peer's address, or behind a trusted proxy the address that proxy saw, the
+    LAST entry of X-Forwarded-For (a client may put anything before it, its proxy appends what it saw)."""
+    if trust_forwarded_for and "X-Forwarded-For" in request.headers:
+        return request.headers["X-Forwarded-For"].split(",")[-1].strip()
+    return request.remote or "unknown"
 
 
 def _is_protected(path: str) -> bool:
@@ -105,11 +116,7 @@ class OfferRateLimit:
         self._seen: defaultdict[str, deque[float]] = defaultdict(deque)
 
     def client(self, request: web.Request) -> str:
-        """The peer's address, or behind a trusted proxy the address that proxy saw: the LAST entry of
-        X-Forwarded-For (a client may put anything before it, its proxy appends what it saw)."""
-        if self.trust_forwarded_for and "X-Forwarded-For" in request.headers:
-            return request.headers["X-Forwarded-For"].split(",")[-1].strip()
-        return request.remote or "unknown"
+        return client_of(request, self.trust_forwarded_for)
 
     def retry_after(self, client: str) -> int | None:
         """None if this offer may go ahead (and counts it), else the seconds to wait."""

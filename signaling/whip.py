@@ -142,8 +142,8 @@ class WhipEndpoint:
             return json_error(rejected.status, rejected.message)
         try:
             session, answer = await self.service.start_session(
-                RTCSessionDescription(sdp=sdp, type="offer"), Persona.from_query(dict(request.query))
-            )
+                RTCSessionDescription(sdp=sdp, type="offer"), Persona.from_query(dict(request.query)),
+                self.service.client(request))
         except SessionRefused as refused:
             return refused.response()
         response = web.Response(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import audio_of, noise_frames, run_call, texts_of, tone_frames
 
-from server.engine import EngineFull, FrameDropped
+from server.engine import ClientAtLimit, EngineFull, FrameDropped
 from server.engine.setup import create_engine
 from server.model.moshi_step import GREEDY
 from server.model.source import ModelSource
@@ -182,3 +182,26 @@ async def test_a_backlog_past_its_bound_drops_the_oldest_frames_and_counts_them(
     assert not any(isinstance(o, Exception) for o in outcomes[-bound:])  # the newest frames are kept
     assert call.stats.frames_dropped == len(dropped) == tiny_engine.stats.frames_dropped
     await call.close()
+
+
+async def test_one_client_gets_at_most_its_share_even_when_its_offers_race():
+    """The share is counted where slots are taken: two offers of one client at once get one slot, not two;
+    a full engine says busy before it says "your share"; a closed call gives the share back."""
+    engine = create_engine(ModelSource("echo"), max_calls=3)
+    await engine.start()
+    try:
+        outcomes = await asyncio.gather(*(engine.open_call(client="a", client_limit=1) for _ in range(2)),
+                                        return_exceptions=True)
+        (held,) = [o for o in outcomes if not isinstance(o, Exception)]
+        (refused,) = [o for o in outcomes if isinstance(o, Exception)]
+        assert isinstance(refused, ClientAtLimit) and "at most 1 of the 3 lines" in str(refused)
+        other = await engine.open_call(client="b", client_limit=1)
+        anyone = await engine.open_call()  # no client: no share (the engine's own callers, tests)
+        with pytest.raises(EngineFull):
+            await engine.open_call(client="a", client_limit=1)
+        await anyone.close()
+        await held.close()
+        again = await engine.open_call(client="a", client_limit=1)
+        assert again.client == "a" and other.client == "b"
+    finally:
+        await engine.stop()

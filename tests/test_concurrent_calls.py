@@ -24,6 +24,7 @@ from server.media.jitter_buffer import JitterBuffer
 from server.media.peer import CallSession
 from server.model.moshi_step import GREEDY
 from server.model.source import ModelSource
+from signaling.app import SignalingConfig
 
 
 @pytest.fixture
@@ -68,7 +69,8 @@ async def test_concurrent_callers_each_hear_only_the_answer_to_their_own_voice(e
     monkeypatch.setattr(audio_receive, "JitterBuffer",
                         functools.partial(JitterBuffer, min_target_s=0.3, max_conceal_s=0.0))
     server = await start_server(create_engine(ModelSource("tiny"), max_calls=3, sampling=GREEDY,
-                                              max_backlog_frames=100))
+                                              max_backlog_frames=100),
+                                SignalingConfig(media_timeout_s=5.0, max_calls_per_client=0))  # one address, 3 callers
     voices = [speechlike(2.5, seed=1), tone(330, 2.5, -18), speechlike(2.5, seed=7)]
 
     alone = []

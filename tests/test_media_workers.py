@@ -46,7 +46,7 @@ async def start_front(max_calls: int, worker_count: int, config: SignalingConfig
     """The echo engine and the signaling front on loopback; `worker_count` 0: media in the front's process."""
     engine = create_engine(ModelSource("echo"), max_calls=max_calls, echo_delay_frames=1)
     await engine.start()
-    config = config or SignalingConfig(media_timeout_s=5.0)
+    config = config or SignalingConfig(media_timeout_s=5.0, max_calls_per_client=0)  # callers share 127.0.0.1
     workers = None
     if worker_count:
         workers = MediaWorkers(engine, worker_count, config, worker_main, host_addresses=["127.0.0.1"],

@@ -70,8 +70,8 @@ async def test_a_caller_sending_ten_times_real_time_is_stepped_at_real_time_and_
     attacker.addTrack(UnpacedTone(gap_s=0.002))
     try:
         await attacker.setLocalDescription(await attacker.createOffer())
-        async with aiohttp.ClientSession() as http:
-            offer = {"sdp": attacker.localDescription.sdp, "type": "offer"}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as http:
+            offer = {"sdp": attacker.localDescription.sdp, "type": "offer"}  # from another client than the honest
             async with http.post(f"{server.url}/offer", json=offer) as response:
                 answer = await response.json()
             await attacker.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type="answer"))

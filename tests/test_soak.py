@@ -20,7 +20,7 @@ import soak  # noqa: E402
 
 
 async def test_calls_ended_every_way_leave_nothing_behind():
-    config = SignalingConfig(media_timeout_s=1.0, max_offers_per_minute=0)
+    config = SignalingConfig(media_timeout_s=1.0, max_offers_per_minute=0, max_calls_per_client=0)
     server = await start_server(create_engine(ModelSource("echo"), max_calls=4), config)
     await soak.soak(server.url, 8, 4)  # warm-up: first-use allocations are not leaks
     await soak.settle(server.service)

@@ -6,9 +6,9 @@ The names a caller of the engine needs are here: `from server.engine import Engi
 
 from .call import Call
 from .engine import Engine
-from .errors import CallClosed, DeviceFailed, EngineFull, EngineNotReady, FrameDropped, is_device_fatal
+from .errors import CallClosed, ClientAtLimit, DeviceFailed, EngineFull, EngineNotReady, FrameDropped, is_device_fatal
 from .frames import CallStats, FrameResult, check_frame
 from .inference import EngineStats
 
-__all__ = ["Call", "CallClosed", "CallStats", "DeviceFailed", "Engine", "EngineFull", "EngineNotReady",
+__all__ = ["Call", "CallClosed", "CallStats", "ClientAtLimit", "DeviceFailed", "Engine", "EngineFull", "EngineNotReady",
            "EngineStats", "FrameDropped", "FrameResult", "check_frame", "is_device_fatal"]

@@ -34,8 +34,11 @@ class PendingFrame:
 class Call:
     """One caller's hold on a slot. Created by `Engine.open_call`."""
 
-    def __init__(self, engine: Engine, slot: int, call_id: int, seed: int, prompt: PromptPlan | None = None):
+    def __init__(self, engine: Engine, slot: int, call_id: int, seed: int, prompt: PromptPlan | None = None,
+                 client: str | None = None):
+        """`client`: who placed the call (an address), for the per-client share of the slots."""
         self.engine = engine
+        self.client = client
         self.slot = slot
         self.call_id = call_id
         self.seed = seed

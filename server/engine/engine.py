@@ -56,7 +56,7 @@ from collections.abc import Callable
 from ..model.persona import Persona, PromptBook, PromptPlan
 from ..model.stepper import ModelInfo, Stepper
 from .call import Call, fail_future
-from .errors import EngineFull, EngineNotReady, no_persona_error
+from .errors import ClientAtLimit, EngineFull, EngineNotReady, no_persona_error
 from .inference import InferenceLoop
 
 log = logging.getLogger(__name__)
@@ -171,9 +171,11 @@ class Engine(InferenceLoop):
             raise no_persona_error(self.info)
         return book.plan(persona)
 
-    async def open_call(self, seed: int | None = None, prompt: PromptPlan | None = None) -> Call:
+    async def open_call(self, seed: int | None = None, prompt: PromptPlan | None = None, client: str | None = None,
+                        client_limit: int | None = None) -> Call:
         """Take a free slot, reset it, and start replaying `prompt` there if one is given.
-        Raises EngineNotReady before warm-up, EngineFull when full."""
+        Raises EngineNotReady before warm-up, EngineFull when full, else ClientAtLimit when `client` holds
+        `client_limit` slots (counted here, where slots are taken, so concurrent offers cannot pass it)."""
         if self.fatal is not None:
             raise EngineNotReady(f"the model's device failed: {self.fatal}")
         if not self.ready:
@@ -182,8 +184,14 @@ class Engine(InferenceLoop):
             free = [slot for slot, call in enumerate(self._slots) if call is None]
             if not free:
                 raise EngineFull(f"all {len(self._slots)} call slots are busy")
+            if client is not None and client_limit is not None:
+                held = sum(1 for taken in self._slots if taken is not None and taken.client == client)
+                if held >= client_limit:
+                    raise ClientAtLimit(f"{client} already has {held} call(s) in progress or being set up; at most "
+                                        f"{client_limit} of the {len(self._slots)} lines go to one client")
             slot = free[0]
-            call = Call(self, slot, self._next_call_id, seed if seed is not None else secrets.randbits(63), prompt)
+            call = Call(self, slot, self._next_call_id, seed if seed is not None else secrets.randbits(63), prompt,
+                        client)
             self._next_call_id += 1
             self._slots[slot] = call
 

@@ -14,6 +14,11 @@ class EngineFull(RuntimeError):
     """Every call slot is taken."""
 
 
+class ClientAtLimit(RuntimeError):
+    """This client already holds its share of the call slots (a fair share, so that no one caller, or
+    stranger, can take every line)."""
+
+
 class CallClosed(RuntimeError):
     """The call was closed; it takes no more frames."""
 

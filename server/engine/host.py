@@ -25,7 +25,7 @@ from . import wire
 from .call import Call
 from .channel import MessageChannel
 from .engine import Engine
-from .errors import EngineFull, EngineNotReady, FrameDropped
+from .errors import ClientAtLimit, EngineFull, EngineNotReady, FrameDropped
 from .frames import FrameResult
 
 log = logging.getLogger(__name__)
@@ -172,9 +172,11 @@ class EngineHost:
             plan = None
             if persona is not None or self.engine.prompt_book is not None:
                 plan = self.engine.plan_persona(Persona(**persona) if persona is not None else None)
-            call = await self.engine.open_call(seed=fields.get("seed"), prompt=plan)
-        except (EngineFull, EngineNotReady, PersonaError, TypeError) as exc:
-            refusal = {EngineFull: "busy", EngineNotReady: "not_ready"}.get(type(exc), "persona")
+            call = await self.engine.open_call(seed=fields.get("seed"), prompt=plan, client=fields.get("client"),
+                                               client_limit=fields.get("client_limit"))
+        except (EngineFull, EngineNotReady, ClientAtLimit, PersonaError, TypeError) as exc:
+            refusal = {EngineFull: "busy", EngineNotReady: "not_ready", ClientAtLimit: "client_limit"}.get(
+                type(exc), "persona")
             link.channel.send(wire.control_message("refused", request=request, refusal=refusal, message=str(exc)))
             return
         if link.channel.closed:  # the worker went while the slot was being reset

@@ -27,7 +27,7 @@ from ..model.persona import Persona, PersonaError
 from ..model.stepper import ModelInfo
 from . import wire
 from .channel import MessageChannel
-from .errors import CallClosed, EngineFull, EngineNotReady, FrameDropped, no_persona_error
+from .errors import CallClosed, ClientAtLimit, EngineFull, EngineNotReady, FrameDropped, no_persona_error
 from .frames import CallStats, FrameResult, check_frame, rms
 from .inference import EngineStats
 
@@ -181,14 +181,16 @@ class RemoteEngine:
     async def check_device(self) -> bool:
         return self.fatal is None and self._channel is not None and not self._channel.closed
 
-    async def open_call(self, seed: int | None = None, prompt: Persona | None = None) -> RemoteCall:
+    async def open_call(self, seed: int | None = None, prompt: Persona | None = None, client: str | None = None,
+                        client_limit: int | None = None) -> RemoteCall:
         if self.fatal is not None:
             raise EngineNotReady(str(self.fatal))
         request = next(self._request_ids)
         answer = asyncio.get_running_loop().create_future()
         self._requests[request] = answer
         persona = dataclasses.asdict(prompt) if prompt is not None else None
-        if not self.send(wire.control_message("open", request=request, seed=seed, persona=persona)):
+        if not self.send(wire.control_message("open", request=request, seed=seed, persona=persona, client=client,
+                                                 client_limit=client_limit)):
             self._requests.pop(request, None)
             raise EngineNotReady("the engine process is not answering")
         try:
@@ -199,7 +201,8 @@ class RemoteEngine:
         finally:
             self._requests.pop(request, None)
         if fields["kind"] == "refused":
-            error = {"busy": EngineFull, "not_ready": EngineNotReady}.get(fields["refusal"], PersonaError)
+            error = {"busy": EngineFull, "not_ready": EngineNotReady, "client_limit": ClientAtLimit}.get(
+                fields["refusal"], PersonaError)
             raise error(fields["message"])
         description = fields.get("prompt")
         call = RemoteCall(self, fields["call_id"], fields["slot"], fields["seed"],

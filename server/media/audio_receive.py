@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -54,6 +55,7 @@ RTP_CLOCK = 48000  # Opus's RTP clock, whatever rate it was encoded at (RFC 7587
 MAX_SILENCE_S = 2.0
 STALL_TOLERANCE_S = 0.02  # a slot timer later than this (a packet's time): the loop was held up
 GRACE_TURNS = 8  # loop turns a missing slot waits for packets already read from the socket (1 per turn)
+ARRIVALS_KEPT = 64  # the latest packets' arrival times, for telling a live stream from a packet now and then
 
 
 @dataclass
@@ -111,6 +113,7 @@ class AudioReceiver:
         self._grace: asyncio.Handle | None = None
         self._grace_since = 0.0  # when `_grace` was asked for: it is due in the very next loop turn
         self.last_packet_at: float | None = None  # loop time
+        self._arrivals: deque[float] = deque(maxlen=ARRIVALS_KEPT)
 
     # -- in -------------------------------------------------------------------------------------
 
@@ -120,6 +123,7 @@ class AudioReceiver:
             return
         now = self.loop.time()
         self.last_packet_at = now
+        self._arrivals.append(now)
         self._stats.packets += 1
         try:
             samples = self.decoder.samples_in(payload) if payload else 0
@@ -133,6 +137,14 @@ class AudioReceiver:
             self.buffer.add(sequence_number, timestamp, payload, now, ssrc=ssrc,
                             ticks=samples * RTP_CLOCK // self.sample_rate, has_fec=has_fec)
         self._drain()
+
+    def nth_latest_arrival(self, n: int) -> float | None:
+        """When the `n`th latest packet came (1: the last one; at most ARRIVALS_KEPT), or None if fewer came."""
+        return self._arrivals[-n] if 0 < n <= len(self._arrivals) else None
+
+    def packets_since(self, since: float) -> int:
+        """Packets that came at or after loop time `since` (counted among the latest ARRIVALS_KEPT)."""
+        return sum(1 for arrival in self._arrivals if arrival >= since)
 
     def on_unroutable_packet(self, payload_type: int) -> None:
         """A packet of the caller's that no receiver takes (a payload type nobody negotiated): counted only."""

@@ -36,7 +36,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from ..engine import Call, CallStats, Engine, FrameDropped
 from . import aiortc_compat, events
 from .audio_out import OutboundAudioTrack
-from .audio_receive import AudioReceiver
+from .audio_receive import ARRIVALS_KEPT, AudioReceiver
 from .ice import IceConfig
 from .opus_sdp import with_opus_fec
 
@@ -77,6 +77,7 @@ class CallObserver(Protocol):
 MODEL_FRAME_S = 0.08
 OPUS_ONLY = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"]
 LOSS_REPORT_EVERY_S = 1.0
+MIN_PACKETS_PER_S = 1.0  # what keeps a call: speech is 50 packets a second, Opus DTX in silence 2.5
 
 
 class CallSession:
@@ -95,12 +96,15 @@ class CallSession:
         observer: CallObserver | None = None,
         max_duration_s: float | None = None,
         connect_timeout: float | None = None,
+        client: str | None = None,
     ):
         """`media_timeout`: end the call when the caller sends no audio that long (a vanished caller is
         noticed then, long before ICE consent expires). `max_duration_s`: end it after that long.
         `connect_timeout`: end it when its connection is not up that long after the answer, so an offer
-        nobody follows up (or a stranger's, sent to hold a slot) gives its slot back in seconds."""
+        nobody follows up (or a stranger's, sent to hold a slot) gives its slot back in seconds.
+        `client`: who placed the call (an address), for the logs."""
         self.session_id = session_id
+        self.client = client
         self.engine = engine
         self.call = call
         self.media_timeout = media_timeout
@@ -279,22 +283,23 @@ class CallSession:
     # -- media --------------------------------------------------------------------------------
 
     async def _watch_audio(self, track: MediaStreamTrack) -> None:
-        """End the call when the caller's track ends or no packet came for the media timeout. The track
-        itself carries nothing: its packets go to the receive path."""
+        """End the call when the caller's track ends, or when the media timeout passes without a live stream
+        of packets: at least `MIN_PACKETS_PER_S` on average (a packet now and then, sent to hold a line, is
+        not a caller; one listening in silence is, its Opus DTX sends 2.5 a second). The track itself carries
+        nothing: its packets go to the receive path."""
         reason, kind = "caller's audio ended", "caller_gone"
         loop = asyncio.get_running_loop()
         watching_since = loop.time()
+        needed = min(ARRIVALS_KEPT, max(1, round(MIN_PACKETS_PER_S * self.media_timeout)))
         try:
             while not self._ending:  # checked every turn: a cancel racing a result can be lost in wait_for
-                silent_for = loop.time() - (self.receiver.last_packet_at or watching_since)
-                if silent_for >= self.media_timeout:
-                    if self.stats.connected_at is None:
-                        self.fail(*self._never_connected_cause())
-                    else:
-                        self.fail(f"no audio from the caller for {self.media_timeout:g} s", kind="no_media")
+                now = loop.time()
+                live_since = max(watching_since, self.receiver.nth_latest_arrival(needed) or watching_since)
+                if now - live_since >= self.media_timeout:
+                    self.fail(*self._no_live_stream(now, needed))
                     return
                 try:
-                    await asyncio.wait_for(track.recv(), self.media_timeout - silent_for)
+                    await asyncio.wait_for(track.recv(), self.media_timeout - (now - live_since))
                 except TimeoutError:
                     continue
                 log.error("session %s: aiortc decoded a frame itself: the receive tap is bypassed", self.session_id)
@@ -304,6 +309,17 @@ class CallSession:
             return
         if not self._ending:
             self._spawn(self.hang_up(reason, kind=kind))
+
+    def _no_live_stream(self, now: float, needed: int) -> tuple[str, str]:
+        """Why the caller's media no longer keeps the call, and the metrics kind."""
+        if self.stats.connected_at is None:
+            return self._never_connected_cause()
+        last = self.receiver.last_packet_at
+        if last is None or now - last >= self.media_timeout:
+            return f"no audio from the caller for {self.media_timeout:g} s", "no_media"
+        sent = self.receiver.packets_since(now - self.media_timeout)
+        return (f"the caller sent {sent} packet(s) in the last {self.media_timeout:g} s, fewer than a live audio "
+                f"stream ({needed}; Opus DTX in silence sends {round(2.5 * self.media_timeout)})"), "sparse_media"
 
     async def _follow_reported_loss(self) -> None:
         """Set our encoder's expected loss from the caller's RTCP receiver reports, once a second."""
@@ -416,7 +432,7 @@ class CallSession:
         GET /sessions/{id} keeps showing for a while) and counted under `kind`."""
         if self._ending:
             return
-        log.warning("session %s: %s", self.session_id, reason)
+        log.warning("session %s (client %s): %s", self.session_id, self.client or "unknown", reason)
         self.send_event(events.Error(reason))
         self._spawn(self.hang_up(reason, kind=kind))
 
