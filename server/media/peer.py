@@ -34,7 +34,7 @@ from aiortc import RTCDataChannel, RTCIceCandidate, RTCPeerConnection, RTCRtpSen
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from ..engine import Call, CallStats, Engine, FrameDropped
-from . import aiortc_compat, events
+from . import aiortc_compat, events, sctp_compat
 from .audio_out import OutboundAudioTrack
 from .audio_receive import ARRIVALS_KEPT, AudioReceiver
 from .ice import IceConfig
@@ -141,6 +141,7 @@ class CallSession:
         self._failures: aiortc_compat.TransportFailures | None = None
         self.trickled_candidates = 0  # counted here, bounded by signaling (WHIP PATCH)
         self.trickle_requests = 0  # WHIP PATCH requests taken, counted and bounded by signaling
+        self.data_guard: sctp_compat.DataChannelGuard | None = None  # once the offer is applied
         if call.prompt is not None:
             self._spawn(self._announce_prompt())
         self.pc.on("track", self._on_track)
@@ -175,6 +176,9 @@ class CallSession:
         audio = self.pc.addTransceiver("audio", direction="sendrecv")
         audio.setCodecPreferences(OPUS_ONLY)
         await self.pc.setRemoteDescription(offer)
+        # What the caller sends on data channels is bounded (size, rate); past that, this call ends.
+        self.data_guard = sctp_compat.guard_data_channels(
+            self.pc, lambda reason: self.fail(reason, kind="data_channel_abuse"))
         for other in self.pc.getTransceivers():
             if other is not audio:  # offered video is declined: nobody would read it (an unread track grows)
                 other.direction = "inactive"
@@ -196,7 +200,7 @@ class CallSession:
                 "the server's credentials (check --turn-url and --turn-secret)"
             )
         local = self.pc.localDescription
-        return RTCSessionDescription(sdp=with_opus_fec(local.sdp), type=local.type)
+        return RTCSessionDescription(sdp=sctp_compat.with_max_message_size(with_opus_fec(local.sdp)), type=local.type)
 
     def _not_connected(self) -> None:
         if self.stats.connected_at is None and not self._ending:
