@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--max-calls-per-client", type=int, default=None,
                        help="calls one client address may hold at once, connected or being set up (default: a "
                             "quarter of --max-calls, at least 1); 0: no limit")
+    guard.add_argument("--max-connections", type=int, default=512,
+                       help="open HTTP connections, all clients together; past it new ones are closed; 0: no cap")
+    guard.add_argument("--max-connections-per-client", type=int, default=64,
+                       help="open HTTP connections from one address (not applied with --trust-forwarded-for, where "
+                            "every connection comes from the proxy); 0: no cap")
+    guard.add_argument("--request-timeout", type=float, default=10.0,
+                       help="seconds a connection has for a complete request head (after opening, or after its last "
+                            "answer: idle keep-alive ends then too), and a request for its body")
     guard.add_argument("--trust-forwarded-for", action="store_true",
                        help="behind a reverse proxy: take the client's address from X-Forwarded-For")
     guard.add_argument("--media-timeout", type=float, default=10.0,
@@ -229,6 +237,7 @@ async def serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from signaling.app import SignalingConfig, SignalingService
+    from signaling.connections import ConnectionLimits
 
     from .media.ice import IceConfig, parse_ice_server, use_host_addresses
     from .media.workers import MediaWorkers, default_worker_count
@@ -257,6 +266,11 @@ async def serve(args: argparse.Namespace) -> int:
         api_token=args.api_token, cors_origins=tuple(args.cors_origin),
         max_offers_per_minute=args.max_offers_per_minute, trust_forwarded_for=args.trust_forwarded_for,
         max_calls_per_client=args.max_calls_per_client,
+        connections=ConnectionLimits(
+            max_connections=args.max_connections,
+            max_per_address=0 if args.trust_forwarded_for else args.max_connections_per_client,
+            head_timeout_s=args.request_timeout, body_timeout_s=args.request_timeout,
+            keepalive_timeout_s=args.request_timeout + 5),
         max_call_s=60 * args.max_call_minutes if args.max_call_minutes > 0 else None,
         session_id_prefix=f"{args.replica_id}." if args.replica_id else "", public_url=args.public_url)
     worker_count = default_worker_count(args.max_calls) if args.media_workers is None else args.media_workers
@@ -265,8 +279,7 @@ async def serve(args: argparse.Namespace) -> int:
         workers = MediaWorkers(engine, worker_count, config, worker_main, host_addresses=args.ice_host_address or None,
                                log_level=args.log_level.upper())
     service = SignalingService(engine, config, workers=workers)
-    runner = web.AppRunner(service.app(), access_log=None)
-    await runner.setup()
+    runner = await service.start_runner()
     await web.TCPSite(runner, args.host, args.port).start()
     log.info("listening on http://%s:%d (healthz answers 503 until the model is warm)", args.host, args.port)
     try:

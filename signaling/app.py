@@ -42,6 +42,7 @@ from server.media.turn_check import TurnMonitor
 from server.media.workers import MediaWorkers
 from server.model.persona import Persona, PersonaError
 
+from .connections import BodyTimeout, ConnectionGuard, ConnectionLimits, read_body, start_guarded_runner
 from .ended import EndedSessions
 from .errors import SessionRefused, json_error
 from .forward import CallForwarder, WorkerTotals, merge_expositions
@@ -91,6 +92,7 @@ class SignalingConfig:
     turn_check_interval_s: float | None = 30.0  # a TURN Allocate this often (None: never; media workers don't)
     turn_check_retry_s: float = 5.0  # ... and this often while it fails
     turn_check_timeout_s: float = 3.0  # no answer in this long: TURN is unreachable
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)  # HTTP connection caps and deadlines
 
 
 class SignalingService:
@@ -102,7 +104,8 @@ class SignalingService:
         self.ended = EndedSessions(self.config.ended_sessions_kept, self.config.ended_session_keep_s)
         self.metrics = ServiceMetrics(lambda: self.engine, lambda: list(self.sessions.values()))
         self.workers = workers
-        self.forwarder = CallForwarder(workers, gate=self.admission_refusal, client_of=self.client) if (
+        self.forwarder = CallForwarder(workers, gate=self.admission_refusal, client_of=self.client,
+                                       body_timeout_s=self.config.connections.body_timeout_s) if (
             workers is not None) else None
         if workers is not None:
             self.metrics.registry.register(WorkerTotals(workers))
@@ -115,6 +118,7 @@ class SignalingService:
         self._device_checked_at = 0.0
         self._device_ok = True
         self.draining = False  # set by drain(): no new calls, readiness fails, calls in progress go on
+        self.connections = ConnectionGuard(self.config.connections, on_refused=self.metrics.connection_refused)
 
     def app(self) -> web.Application:
         config = self.config
@@ -122,8 +126,8 @@ class SignalingService:
         credentials = OfferRateLimit(config.max_ice_server_requests_per_minute, config.trust_forwarded_for,
                                      paths=("/ice-servers",), method="GET", what="ICE server requests",
                                      reason="credentials_rate")
-        middlewares = [cors_middleware(config.cors_origins), token_middleware(config.api_token), limit.middleware(),
-                       credentials.middleware()]
+        middlewares = [self.connections.middleware(), cors_middleware(config.cors_origins),
+                       token_middleware(config.api_token), limit.middleware(), credentials.middleware()]
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
         app[SERVICE_KEY] = self
         app[METRICS_KEY] = self.metrics
@@ -149,6 +153,21 @@ class SignalingService:
             app.on_cleanup.append(self._stop_turn_checks)
         return app
 
+    async def start_runner(self) -> web.AppRunner:
+        """The app, set up and guarded (signaling.connections: caps and deadlines on HTTP connections); add a
+        site to it. A media worker, which only its front talks to, runs its app unguarded."""
+        return await start_guarded_runner(self.app(), self.connections)
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The request's body, within the body deadline (raises BodyTimeout: answer with `body_timeout`)."""
+        return await read_body(request, self.config.connections.body_timeout_s)
+
+    @staticmethod
+    def body_timeout(exc: BodyTimeout) -> web.Response:
+        response = json_error(408, str(exc))
+        response.force_close()
+        return response
+
     async def _start_turn_checks(self, app: web.Application) -> None:
         self.turn.start()
 
@@ -164,7 +183,9 @@ class SignalingService:
 
     async def post_offer(self, request: web.Request) -> web.Response:
         try:
-            body = await request.read()
+            body = await self.read_body(request)
+        except BodyTimeout as exc:
+            return self.body_timeout(exc)
         except web.HTTPRequestEntityTooLarge:
             return json_error(413, f"the body is larger than {MAX_BODY_BYTES} bytes; an offer is a few kB")
         try:

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 
 from server.media.workers import MediaWorkers, WorkerProcess
 
+from .connections import BodyTimeout, read_body
 from .errors import SessionRefused, json_error
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ ENGINE_METRICS = {"moshi_input_frames_dropped", "moshi_engine_steps", "moshi_eng
 class CallForwarder:
     def __init__(self, workers: MediaWorkers, timeout_s: float = 30.0,
                  gate: Callable[[], Awaitable[SessionRefused | None]] | None = None,
-                 client_of: Callable[[web.Request], str] | None = None):
+                 client_of: Callable[[web.Request], str] | None = None, body_timeout_s: float = 10.0):
         """`gate`: asked before a new call is forwarded; a refusal goes back as it is (relay-only with
         TURN down: the front knows, its workers do not check TURN themselves). `client_of`: who sent a new
         call, passed on as X-Forwarded-For (a worker trusts its front) for the per-client share of the lines,
@@ -46,6 +47,7 @@ class CallForwarder:
         self.workers = workers
         self.gate = gate
         self.client_of = client_of
+        self.body_timeout_s = body_timeout_s
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._http: aiohttp.ClientSession | None = None
 
@@ -82,7 +84,12 @@ class CallForwarder:
         return await self._forward(request, worker)
 
     async def _forward(self, request: web.Request, worker: WorkerProcess, extra: dict | None = None) -> web.Response:
-        body = await request.read()
+        try:
+            body = await read_body(request, self.body_timeout_s)
+        except BodyTimeout as exc:
+            response = json_error(408, str(exc))
+            response.force_close()
+            return response
         headers = {name: request.headers[name] for name in REQUEST_HEADERS if name in request.headers}
         headers.update(extra or {})
         url = f"http://127.0.0.1:{worker.link.http_port}{request.rel_url}"

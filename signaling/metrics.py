@@ -116,6 +116,9 @@ class ServiceMetrics:
         self.calls_started = Counter("moshi_calls_started", "Calls answered", registry=r)
         self.calls_ended = Counter("moshi_calls_ended", "Calls ended, by reason", ["reason"], registry=r)
         self.calls_rejected = Counter("moshi_calls_rejected", "Offers refused, by reason", ["reason"], registry=r)
+        self.connections_refused = Counter(
+            "moshi_http_connections_refused", "HTTP connections closed by the server's guard, by reason "
+            "(connections, connections_per_client: over a cap; head_timeout: slow or idle)", ["reason"], registry=r)
         self.calls_connected = Counter("moshi_calls_connected", "Calls whose media connected, by path "
                                        "(relay: through TURN; direct: host or server-reflexive)", ["path"], registry=r)
         self.step_seconds = Histogram("moshi_engine_step_seconds", "Duration of one batched model step",
@@ -178,6 +181,9 @@ class ServiceMetrics:
 
     def rejected(self, reason: str) -> None:
         self.calls_rejected.labels(reason).inc()
+
+    def connection_refused(self, reason: str) -> None:
+        self.connections_refused.labels(reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

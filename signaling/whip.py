@@ -27,6 +27,7 @@ from aiortc.sdp import candidate_from_sdp
 
 from server.model.persona import Persona
 
+from .connections import BodyTimeout
 from .errors import SessionRefused, json_error
 from .offer_check import MAX_BODY_BYTES, OfferRejected, check_offer_sdp
 
@@ -130,7 +131,9 @@ class WhipEndpoint:
         if request.content_type != SDP:
             return json_error(415, f"a WHIP offer must be {SDP}, got {request.content_type or 'no content type'}")
         try:
-            sdp = (await request.read()).decode()
+            sdp = (await self.service.read_body(request)).decode()
+        except BodyTimeout as exc:
+            return self.service.body_timeout(exc)
         except web.HTTPRequestEntityTooLarge:
             return json_error(413, f"the offer is larger than {MAX_BODY_BYTES} bytes")
         except UnicodeDecodeError:
@@ -165,7 +168,10 @@ class WhipEndpoint:
             self.service.metrics.rejected("trickle_limit")
             return json_error(429, f"at most {MAX_PATCHES_PER_CALL} trickle PATCH requests a call")
         session.trickle_requests += 1
-        fragment = (await request.read()).decode(errors="replace")
+        try:
+            fragment = (await self.service.read_body(request)).decode(errors="replace")
+        except BodyTimeout as exc:
+            return self.service.body_timeout(exc)
         ufrag, pwd = _ice_credentials(fragment)
         current = _ice_credentials(session.remote_sdp)
         if (ufrag and ufrag != current[0]) or (pwd and pwd != current[1]):

@@ -106,8 +106,7 @@ async def start_server(engine: Engine, config: SignalingConfig | None = None, st
     if start_engine:
         await engine.start()
     service = SignalingService(engine, config or SignalingConfig(media_timeout_s=5.0))
-    runner = web.AppRunner(service.app())
-    await runner.setup()
+    runner = await service.start_runner()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]

@@ -21,6 +21,7 @@ from server.engine.setup import create_engine
 from server.media.ice import IceConfig
 from server.model.source import ModelSource
 from signaling.app import SignalingConfig
+from signaling.connections import ConnectionLimits
 from signaling.offer_check import MAX_OFFER_CANDIDATES
 from signaling.whip import MAX_PATCH_CANDIDATES, MAX_PATCHES_PER_CALL
 
@@ -183,3 +184,39 @@ async def test_offered_video_is_declined_and_the_call_goes_on(server):
         assert session.call.stats.frames_in >= 5 and not session.ended.is_set()
     finally:
         await pc.close()
+
+
+async def read_to_close(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await reader.read()
+    except ConnectionResetError:
+        return b""
+
+
+async def test_half_open_connections_are_capped_and_timed_out_and_a_caller_gets_through():
+    """A stranger opens 100 HTTP connections and sends half a request head on each (slowloris): past its cap
+    they are closed at once, the rest at the head deadline; a caller gets through meanwhile; /metrics counts
+    both reasons; nothing is left open."""
+    limits = ConnectionLimits(max_per_address=8, head_timeout_s=1.0)
+    server = await start_server(create_engine(ModelSource("echo"), max_calls=1),
+                                SignalingConfig(media_timeout_s=5.0, connections=limits))
+    port = int(server.url.rsplit(":", 1)[1])
+    try:
+        streams = [await asyncio.open_connection("127.0.0.1", port, local_addr=(STRANGER, 0)) for _ in range(100)]
+        for _, writer in streams:
+            writer.write(b"POST /offer HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        await assert_a_caller_gets_through(server)
+        closed = await asyncio.wait_for(asyncio.gather(*(read_to_close(reader) for reader, _ in streams)), 60)
+        assert closed == [b""] * 100  # every one closed by the server (an abort: a reset), none answered
+        guard = server.service.connections
+        # the stranger's 8 within its cap, and the caller's idle keep-alive connections, once done
+        assert guard.refused["connections_per_client"] == 92 and guard.refused["head_timeout"] >= 8
+        async with aiohttp.ClientSession() as http, http.get(f"{server.url}/metrics") as response:
+            metrics = await response.text()
+        assert 'moshi_http_connections_refused_total{reason="connections_per_client"} 92.0' in metrics
+        assert re.search(r'^moshi_http_connections_refused_total\{reason="head_timeout"\} (8|9|\d\d)', metrics, re.M)
+        assert guard.open_by_address().get(STRANGER) is None
+    finally:
+        for _, writer in streams:
+            writer.close()
+        await stop_server(server)

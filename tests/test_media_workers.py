@@ -52,8 +52,7 @@ async def start_front(max_calls: int, worker_count: int, config: SignalingConfig
         workers = MediaWorkers(engine, worker_count, config, worker_main, host_addresses=["127.0.0.1"],
                                log_level="WARNING")
         await workers.start()
-    runner = web.AppRunner(SignalingService(engine, config, workers=workers).app())
-    await runner.setup()
+    runner = await SignalingService(engine, config, workers=workers).start_runner()
     listening = socket.socket()
     listening.bind(("127.0.0.1", 0))
     await web.SockSite(runner, listening).start()
