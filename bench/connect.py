@@ -92,6 +92,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--model", "echo", "--port", str(self.port),
              "--max-calls", "4", "--ice-host-address", "127.0.0.1", "--max-offers-per-minute", "0",
+             "--max-calls-per-client", "0",
              "--log-level", "WARNING", *extra],
             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         self.log: list[str] = []

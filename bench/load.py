@@ -217,7 +217,8 @@ async def run_k(model: str, calls: int, seconds: float, per_process: int, server
     serve = SERVE_UVLOOP if loop == "uvloop" else SERVE
     server = subprocess.Popen(
         [*serve, "serve", "--model", model, "--port", str(port), "--max-calls", str(calls),
-         "--ice-host-address", "127.0.0.1", "--log-level", "WARNING", "--max-offers-per-minute", "0", *server_args],
+         "--ice-host-address", "127.0.0.1", "--log-level", "WARNING", "--max-offers-per-minute", "0",
+         "--max-calls-per-client", "0", *server_args],  # every caller is on this host
         stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
     )
     said = []

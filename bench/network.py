@@ -93,7 +93,7 @@ def conditions(seconds: float) -> dict[str, tuple[Rule, Rule]]:
 async def start_ours() -> tuple[str, SignalingService, web.AppRunner]:
     engine = create_engine(ModelSource("echo"), max_calls=2, echo_delay_frames=1)
     await engine.start()
-    service = SignalingService(engine, SignalingConfig(max_offers_per_minute=0))
+    service = SignalingService(engine, SignalingConfig(max_offers_per_minute=0, max_calls_per_client=0))
     runner = web.AppRunner(service.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -57,7 +57,7 @@ async def run(model: str, rounds: int, cpu_threads: int) -> dict:
     use_host_addresses(["127.0.0.1"])
     engine = create_engine(ModelSource(model), max_calls=2, cpu_threads=cpu_threads)
     await engine.start()
-    service = SignalingService(engine, SignalingConfig())
+    service = SignalingService(engine, SignalingConfig(max_calls_per_client=0))
     runner = web.AppRunner(service.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -143,7 +143,8 @@ async def run(model: str, calls: int, concurrency: int, warmup: int) -> dict:
     use_host_addresses(["127.0.0.1"])
     engine = create_engine(ModelSource(model), max_calls=concurrency, cpu_threads=1)
     await engine.start()
-    service = SignalingService(engine, SignalingConfig(media_timeout_s=1.0, max_offers_per_minute=0))
+    service = SignalingService(engine, SignalingConfig(media_timeout_s=1.0, max_offers_per_minute=0,
+                                                     max_calls_per_client=0))
     runner = web.AppRunner(service.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
