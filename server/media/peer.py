@@ -298,12 +298,12 @@ class CallSession:
         try:
             while not self._ending:  # checked every turn: a cancel racing a result can be lost in wait_for
                 now = loop.time()
-                live_since = max(watching_since, self.receiver.nth_latest_arrival(needed) or watching_since)
-                if now - live_since >= self.media_timeout:
+                deadline = self._media_deadline(watching_since, needed)
+                if now >= deadline:
                     self.fail(*self._no_live_stream(now, needed))
                     return
                 try:
-                    await asyncio.wait_for(track.recv(), self.media_timeout - (now - live_since))
+                    await asyncio.wait_for(track.recv(), deadline - now)
                 except TimeoutError:
                     continue
                 log.error("session %s: aiortc decoded a frame itself: the receive tap is bypassed", self.session_id)
@@ -313,6 +313,16 @@ class CallSession:
             return
         if not self._ending:
             self._spawn(self.hang_up(reason, kind=kind))
+
+    def _media_deadline(self, watching_since: float, needed: int) -> float:
+        """When the call ends unless more packets come. While the latest `needed` packets came at a live rate,
+        a stream that stops has the whole media timeout from its last packet (then it is `no_media`); a
+        sparse one has it from the first of those `needed` (or from the start while fewer came)."""
+        last = self.receiver.last_packet_at
+        first = self.receiver.nth_latest_arrival(needed)
+        if last is not None and first is not None and last - first <= (needed - 1) / MIN_PACKETS_PER_S:
+            return max(watching_since, last) + self.media_timeout
+        return max(watching_since, first or watching_since) + self.media_timeout
 
     def _no_live_stream(self, now: float, needed: int) -> tuple[str, str]:
         """Why the caller's media no longer keeps the call, and the metrics kind."""
