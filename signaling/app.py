@@ -19,7 +19,8 @@ wrong, or 503 with `Retry-After` when every call slot is taken. A persona
 long, names a voice the server lacks, or is sent to a model that takes none
 gets a 400 that says which.
 The owner of the app starts and stops the engine; the app only uses it.
-Token, CORS and offer-rate guards: signaling.guards.
+Token, CORS and offer-rate guards: signaling.guards; HTTP connection caps and deadlines:
+signaling.connections; the health, readiness, status and metrics pages: signaling.health.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ from server.model.persona import Persona, PersonaError
 from .connections import BodyTimeout, ConnectionGuard, ConnectionLimits, read_body, start_guarded_runner
 from .ended import EndedSessions
 from .errors import SessionRefused, json_error
-from .forward import CallForwarder, WorkerTotals, merge_expositions
+from .forward import CallForwarder, WorkerTotals
 from .guards import OfferRateLimit, client_of, cors_middleware, token_middleware
-from .metrics import CONTENT_TYPE, METRICS_KEY, ServiceMetrics, TurnTotals
+from .health import ServiceHealth
+from .metrics import METRICS_KEY, ServiceMetrics, TurnTotals
 from .offer_check import MAX_BODY_BYTES, OfferRejected, parse_offer_json
 from .whip import WhipEndpoint, whip_options
 
@@ -115,8 +117,7 @@ class SignalingService:
                                     retry_s=self.config.turn_check_retry_s, timeout_s=self.config.turn_check_timeout_s)
             self.metrics.registry.register(TurnTotals(self.turn))
         self.use_engine(engine)
-        self._device_checked_at = 0.0
-        self._device_ok = True
+        self.health = ServiceHealth(self)
         self.draining = False  # set by drain(): no new calls, readiness fails, calls in progress go on
         self.connections = ConnectionGuard(self.config.connections, on_refused=self.metrics.connection_refused)
 
@@ -139,10 +140,7 @@ class SignalingService:
             app.router.add_delete("/sessions/{session_id}", self.delete_session)
             app.router.add_get("/sessions/{session_id}", self.get_session)
             WhipEndpoint(self).add_routes(app)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics_page)
-        app.router.add_get("/status", self.status)
+        self.health.add_routes(app)
         app.router.add_get("/ice-servers", self.ice_servers)
         app.router.add_get("/personas", self.personas)
         app.router.add_get("/", self.index)
@@ -314,7 +312,7 @@ class SignalingService:
         self.metrics.rejected("no_relay")
         return SessionRefused(503, message, {"Retry-After": str(round(self.config.turn_check_retry_s))})
 
-    def _turn_down(self) -> str | None:
+    def turn_down(self) -> str | None:
         """Why relay-only calls cannot be placed now (TURN's last check failed), or None."""
         if not self.config.ice.relay_only or self.turn is None or self.turn.state is None or self.turn.state.up:
             return None
@@ -354,74 +352,7 @@ class SignalingService:
             with contextlib.suppress(Exception):
                 await session.hang_up(reason, kind=kind)
 
-    # -- health and page -----------------------------------------------------------------------
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        """Liveness: fails only when the process must be restarted (its model's device failed)."""
-        if self.engine.fatal is not None:
-            return web.json_response({"alive": False, "reason": str(self.engine.fatal)}, status=503)
-        return web.json_response({"alive": True})
-
-    async def readyz(self, request: web.Request) -> web.Response:
-        """Readiness: warm, a call slot free, and the device answers a tiny operation."""
-        engine = self.engine
-        reason = None
-        if engine.fatal is not None:
-            reason = str(engine.fatal)
-        elif self.draining:
-            reason = "draining: the server is restarting"
-        elif not engine.ready:
-            reason = "the model is warming up"
-        elif engine.free_slots == 0:
-            reason = f"all {engine.batch_size} call slots are busy"
-        elif self.workers is not None and not self.workers.alive():
-            reason = "no media worker is running"
-        elif (turn_down := self._turn_down()) is not None:
-            reason = turn_down
-        elif not await self._device_answers():
-            reason = "the model's device did not answer a test operation within 2 s"
-        turn = {"turn": self.turn.describe()} if self.turn is not None and self.turn.enabled else {}
-        if reason is not None:
-            return web.json_response({"ready": False, "reason": reason, **turn}, status=503,
-                                     headers={"Retry-After": "2"})
-        return web.json_response({"ready": True, "free_slots": engine.free_slots, **turn})
-
-    async def _device_answers(self) -> bool:
-        """Run a tiny operation on the model's device between steps; at most once a second."""
-        now = asyncio.get_running_loop().time()
-        if now - self._device_checked_at < 1.0:
-            return self._device_ok
-        self._device_checked_at = now
-        try:
-            self._device_ok = await asyncio.wait_for(self.engine.check_device(), 2.0)
-        except Exception:  # noqa: BLE001 - a timeout or an error both mean "not usable now"
-            self._device_ok = False
-        return self._device_ok
-
-    async def metrics_page(self, request: web.Request) -> web.Response:
-        body = self.metrics.render()
-        if self.forwarder is not None:
-            body = merge_expositions(body.decode(), await self.forwarder.worker_metrics())
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
-
-    async def status(self, request: web.Request) -> web.Response:
-        if not self.engine.ready:
-            return web.json_response({"ready": False}, status=503, headers={"Retry-After": "2"})
-        info = self.engine.info
-        return web.json_response({
-            "ready": True,
-            "auth": self.config.api_token is not None,
-            "model": info.name,
-            "kind": info.kind,
-            "test_model": info.is_test_model,
-            "notice": info.notice,
-            "max_calls": self.engine.batch_size,
-            "free_slots": self.engine.free_slots,
-            "active_sessions": len(self.sessions) if self.workers is None else self.workers.host.calls_held(),
-            "media_workers": None if self.workers is None else len(self.workers.alive()),
-            "engine": self.engine.stats.summary(),
-            "turn": self.turn.describe() if self.turn is not None else None,
-        })
+    # -- page and client setup -----------------------------------------------------------------
 
     async def ice_servers(self, request: web.Request) -> web.Response:
         """Servers for one client; TURN credentials, when issued, are fresh, short-lived and its own."""

@@ -107,7 +107,7 @@ async def test_alive_at_once_ready_when_warm_with_a_slot_free_and_the_page_is_se
         async with http.get(f"{server.url}/readyz") as response:
             assert response.status == 200 and (await response.json())["free_slots"] == 1
         call = await server.engine.open_call()  # the only slot taken: alive, but not ready for another call
-        server.service._device_checked_at = 0.0
+        server.service.health._device_checked_at = 0.0
         async with http.get(f"{server.url}/readyz") as response:
             assert response.status == 503 and "all 1 call slots are busy" in (await response.json())["reason"]
         await call.close()
