@@ -105,7 +105,9 @@ class RunningServer:
 async def start_server(engine: Engine, config: SignalingConfig | None = None, start_engine: bool = True):
     if start_engine:
         await engine.start()
-    service = SignalingService(engine, config or SignalingConfig(media_timeout_s=5.0))
+    # Test callers all come from 127.0.0.1: no per-client share unless a test's own config sets one
+    # (tests/test_fair_share.py tests the share; the product's default is a quarter of the lines).
+    service = SignalingService(engine, config or SignalingConfig(media_timeout_s=5.0, max_calls_per_client=0))
     runner = await service.start_runner()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

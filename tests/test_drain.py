@@ -41,7 +41,8 @@ async def until(condition, poll_s: float = 0.05) -> None:
 
 @pytest.fixture
 async def server():
-    config = SignalingConfig(media_timeout_s=5.0, session_id_prefix="r2.", public_url="https://r2.calls.example.org")
+    config = SignalingConfig(media_timeout_s=5.0, session_id_prefix="r2.", public_url="https://r2.calls.example.org",
+                             max_calls_per_client=0)  # two callers from one address
     running = await start_server(create_engine(ModelSource("echo"), max_calls=2), config)
     yield running
     await stop_server(running)

@@ -141,7 +141,7 @@ class Replica(Process):
                 "--max-calls", "2", "--media-workers", str(MEDIA_WORKERS[self.name]), "--replica-id", self.name,
                 "--drain-seconds", "120", "--ice-host-address", "127.0.0.1", "--trust-forwarded-for",
                 # every call here comes from 127.0.0.1, which HAProxy passes on as X-Forwarded-For
-                "--max-offers-per-minute", "0"]
+                "--max-offers-per-minute", "0", "--max-calls-per-client", "0"]
         env = dict(os.environ, PYTHONPATH=str(ROOT), NO_TORCH_COMPILE="1")
         super().start(argv, env)
 
