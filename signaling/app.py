@@ -127,8 +127,9 @@ class SignalingService:
         credentials = OfferRateLimit(config.max_ice_server_requests_per_minute, config.trust_forwarded_for,
                                      paths=("/ice-servers",), method="GET", what="ICE server requests",
                                      reason="credentials_rate")
-        middlewares = [self.connections.middleware(), cors_middleware(config.cors_origins),
-                       token_middleware(config.api_token), limit.middleware(), credentials.middleware()]
+        middlewares = [self.connections.middleware(), cors_middleware(config.cors_origins, self.client),
+                       token_middleware(config.api_token, self.client), limit.middleware(),
+                       credentials.middleware()]
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
         app[SERVICE_KEY] = self
         app[METRICS_KEY] = self.metrics
@@ -189,8 +190,7 @@ class SignalingService:
         try:
             offer = parse_offer_json(body, request.content_type)
         except OfferRejected as rejected:
-            log.info("offer rejected (%d): %s", rejected.status, rejected.message)
-            self.metrics.rejected("bad_offer")
+            self.metrics.rejected("bad_offer", self.client(request), f"{rejected.status}: {rejected.message}")
             return json_error(rejected.status, rejected.message)
         try:
             session, answer = await self.start_session(offer.description, offer.persona, self.client(request))
@@ -226,18 +226,16 @@ class SignalingService:
                 plan = self.engine.plan_persona(persona)
             call = await self.engine.open_call(prompt=plan, client=client, client_limit=self.calls_per_client())
         except ClientAtLimit as exc:
-            log.warning("offer from %s refused: %s", client, exc)
-            self.metrics.rejected("client_limit")
+            self.metrics.rejected("client_limit", client, str(exc))
             raise SessionRefused(429, f"{exc}: hang one up first", retry) from None
         except PersonaError as exc:
-            log.info("persona refused: %s", exc)
-            self.metrics.rejected("persona")
+            self.metrics.rejected("persona", client, str(exc))
             raise SessionRefused(400, str(exc)) from None
         except EngineFull as exc:
-            self.metrics.rejected("busy")
+            self.metrics.rejected("busy", client, str(exc))
             raise SessionRefused(503, f"the line is busy: {exc}; try again shortly", retry) from None
         except EngineNotReady as exc:
-            self.metrics.rejected("not_ready")
+            self.metrics.rejected("not_ready", client, str(exc))
             raise SessionRefused(503, f"the model is not ready: {exc}", retry) from None
         session_id = self.config.session_id_prefix + secrets.token_urlsafe(12)
         session = CallSession(session_id, self.engine, call, self.config.ice,
@@ -256,8 +254,7 @@ class SignalingService:
             raise SessionRefused(502, str(exc), session_id=session_id) from None
         except Exception as exc:  # a bad offer must not leave a peer or a slot behind
             await session.hang_up("the offer could not be applied", kind="bad_offer")
-            log.info("offer failed: %s: %s", type(exc).__name__, exc)
-            self.metrics.rejected("bad_offer")
+            self.metrics.rejected("bad_offer", client, f"the offer could not be applied: {type(exc).__name__}: {exc}")
             raise SessionRefused(400, f"the offer could not be applied: {type(exc).__name__}: {exc}") from None
         self.sessions[session_id] = session
         session.started()

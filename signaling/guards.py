@@ -55,7 +55,9 @@ def _is_preflight(request: web.Request) -> bool:
         "Access-Control-Request-Method" in request.headers)
 
 
-def token_middleware(token: str | None):
+def token_middleware(token: str | None, client: Callable[[web.Request], str]):
+    """`client`: who sent a request (`client_of` with the service's proxy trust), for the refusal's log."""
+
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         if token is None or _is_preflight(request) or not _is_protected(request.path):
@@ -64,14 +66,14 @@ def token_middleware(token: str | None):
         if given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode()):
             return await handler(request)
         if request.path in OFFER_PATHS:
-            request.app[METRICS_KEY].rejected("unauthorized")
+            request.app[METRICS_KEY].rejected("unauthorized", client(request), f"{request.method} {request.path}")
         return json_error(401, "a bearer token is required: Authorization: Bearer <token>",
                           {"WWW-Authenticate": 'Bearer realm="moshi-webrtc"'})
 
     return check_token
 
 
-def cors_middleware(allowed_origins: tuple[str, ...]):
+def cors_middleware(allowed_origins: tuple[str, ...], client: Callable[[web.Request], str]):
     allowed = {origin.rstrip("/") for origin in allowed_origins}
 
     @web.middleware
@@ -83,7 +85,7 @@ def cors_middleware(allowed_origins: tuple[str, ...]):
             if request.method in ("GET", "HEAD"):
                 return await handler(request)  # no CORS headers: the browser keeps the answer from the page
             if request.path in OFFER_PATHS:
-                request.app[METRICS_KEY].rejected("origin")
+                request.app[METRICS_KEY].rejected("origin", client(request), f"from a page on {origin}")
             return json_error(403, f"origin {origin} is not allowed to use this server (see --cors-origin)")
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             response: web.StreamResponse = web.Response(status=204)
@@ -140,7 +142,8 @@ class OfferRateLimit:
             wait = self.retry_after(self.client(request))
             if wait is None:
                 return await handler(request)
-            request.app[METRICS_KEY].rejected(self.reason)
+            request.app[METRICS_KEY].rejected(self.reason, self.client(request),
+                                              f"more than {self.per_minute} {self.what} a minute")
             return json_error(429, f"too many {self.what} from {self.client(request)}: at most {self.per_minute} "
                                    "a minute", {"Retry-After": str(wait)})
 

@@ -8,7 +8,9 @@ scrape time. See docs/OPERATIONS.md for what each one means.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 
 from aiohttp import web
@@ -18,6 +20,8 @@ from prometheus_client.registry import Collector
 
 from server.engine import Engine
 from server.media.turn_check import OUTCOMES, TurnMonitor
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 METRICS_KEY: web.AppKey[ServiceMetrics] = web.AppKey("metrics")
@@ -106,11 +110,34 @@ class TurnTotals(Collector):
         yield checks
 
 
+class RefusalLog:
+    """A refusal logged with its client and reason, at most once a minute per client and reason: a stranger
+    who floods must not flood the log too (the counter still counts each one)."""
+
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.every_s, self.clock = every_s, clock
+        self._last: dict[tuple[str, str], float] = {}
+        self._unlogged: dict[tuple[str, str], int] = {}
+
+    def note(self, client: str, reason: str, why: str) -> None:
+        now, key = self.clock(), (client, reason)
+        if now - self._last.get(key, -self.every_s) < self.every_s:
+            self._unlogged[key] = self._unlogged.get(key, 0) + 1
+            return
+        if len(self._last) > 4096:  # forget what was not logged for a while, so the table stays small
+            self._last = {k: t for k, t in self._last.items() if now - t < self.every_s}
+            self._unlogged = {k: n for k, n in self._unlogged.items() if k in self._last}
+        self._last[key] = now
+        more = self._unlogged.pop(key, 0)
+        log.warning("refused %s (%s): %s%s", client, reason, why, f" ({more} more since)" if more else "")
+
+
 class ServiceMetrics:
     """The service's metrics; CallSession reports to it through the `call_*` methods."""
 
     def __init__(self, engine: Callable[[], Engine], live_sessions: Callable[[], Iterable]):
         self.registry = CollectorRegistry()
+        self.refusals = RefusalLog()
         r = self.registry
         self.calls_active = Gauge("moshi_calls_active", "Calls in progress", registry=r)
         self.calls_started = Counter("moshi_calls_started", "Calls answered", registry=r)
@@ -179,8 +206,11 @@ class ServiceMetrics:
         for key, _, _ in RECEIVE_COUNTERS:
             self._ended_receive[key] = self._ended_receive.get(key, 0) + (receive or {}).get(key, 0)
 
-    def rejected(self, reason: str) -> None:
+    def rejected(self, reason: str, client: str | None = None, why: str = "") -> None:
+        """Count a refused request; with its `client`, log it too (signaling.metrics.RefusalLog)."""
         self.calls_rejected.labels(reason).inc()
+        if client is not None:
+            self.refusals.note(client, reason, why)
 
     def connection_refused(self, reason: str) -> None:
         self.connections_refused.labels(reason).inc()

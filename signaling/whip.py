@@ -141,7 +141,7 @@ class WhipEndpoint:
         try:
             check_offer_sdp(sdp)
         except OfferRejected as rejected:
-            self.service.metrics.rejected("bad_offer")
+            self.service.metrics.rejected("bad_offer", self.service.client(request), rejected.message)
             return json_error(rejected.status, rejected.message)
         try:
             session, answer = await self.service.start_session(
@@ -165,7 +165,7 @@ class WhipEndpoint:
         if request.content_type != SDPFRAG:
             return json_error(415, f"a WHIP PATCH must be {SDPFRAG}, got {request.content_type or 'no content type'}")
         if session.trickle_requests >= MAX_PATCHES_PER_CALL:
-            self.service.metrics.rejected("trickle_limit")
+            self.service.metrics.rejected("trickle_limit", self.service.client(request), "trickle PATCH requests")
             return json_error(429, f"at most {MAX_PATCHES_PER_CALL} trickle PATCH requests a call")
         session.trickle_requests += 1
         try:
@@ -179,16 +179,16 @@ class WhipEndpoint:
         try:
             candidates = _trickled_candidates(fragment, set(re.findall(r"^a=mid:(\S+)", session.remote_sdp, re.M)))
         except TrickleRejected as rejected:
-            self.service.metrics.rejected("bad_trickle")
+            self.service.metrics.rejected("bad_trickle", self.service.client(request), str(rejected))
             return json_error(400, str(rejected))
         if session.trickled_candidates + len(candidates) > MAX_TRICKLED_CANDIDATES:
-            self.service.metrics.rejected("trickle_limit")
+            self.service.metrics.rejected("trickle_limit", self.service.client(request), "trickled candidates")
             return json_error(400, f"at most {MAX_TRICKLED_CANDIDATES} candidates may be trickled to a call")
         for candidate in candidates:
             try:
                 await session.add_remote_candidate(candidate)
             except Exception as exc:  # noqa: BLE001 - whatever aiortc makes of it, the caller hears why
-                self.service.metrics.rejected("bad_trickle")
+                self.service.metrics.rejected("bad_trickle", self.service.client(request), str(exc))
                 return json_error(400, f"a candidate was refused: {type(exc).__name__}: {exc}")
         log.info("whip session %s: %d trickled candidates", session.session_id, len(candidates))
         return web.Response(status=204)

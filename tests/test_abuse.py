@@ -7,6 +7,7 @@ asserts what the legitimate caller, from 127.0.0.1, gets afterwards or meanwhile
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 
 import aiohttp
@@ -22,6 +23,7 @@ from server.media.ice import IceConfig
 from server.model.source import ModelSource
 from signaling.app import SignalingConfig
 from signaling.connections import ConnectionLimits
+from signaling.metrics import RefusalLog
 from signaling.offer_check import MAX_OFFER_CANDIDATES
 from signaling.whip import MAX_PATCH_CANDIDATES, MAX_PATCHES_PER_CALL
 
@@ -220,3 +222,22 @@ async def test_half_open_connections_are_capped_and_timed_out_and_a_caller_gets_
         for _, writer in streams:
             writer.close()
         await stop_server(server)
+
+
+def test_refusals_are_logged_once_a_minute_per_client_and_reason(caplog):
+    """A flood of refusals makes one log line a client and reason a minute, which says how many it stood for."""
+    now = [0.0]
+    refusals = RefusalLog(clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="signaling.metrics"):
+        for _ in range(50):
+            refusals.note(STRANGER, "rate_limited", "more than 20 offers a minute")
+        refusals.note(STRANGER, "bad_offer", "no DTLS fingerprint")
+        refusals.note("127.0.0.3", "rate_limited", "more than 20 offers a minute")
+        now[0] = 61.0
+        refusals.note(STRANGER, "rate_limited", "more than 20 offers a minute")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"refused {STRANGER} (rate_limited): more than 20 offers a minute",
+        f"refused {STRANGER} (bad_offer): no DTLS fingerprint",
+        "refused 127.0.0.3 (rate_limited): more than 20 offers a minute",
+        f"refused {STRANGER} (rate_limited): more than 20 offers a minute (49 more since)",
+    ]
