@@ -158,14 +158,8 @@ class SignalingService:
         return await start_guarded_runner(self.app(), self.connections)
 
     async def read_body(self, request: web.Request) -> bytes:
-        """The request's body, within the body deadline (raises BodyTimeout: answer with `body_timeout`)."""
+        """The request's body, within the body deadline (raises BodyTimeout: answer with its `response()`)."""
         return await read_body(request, self.config.connections.body_timeout_s)
-
-    @staticmethod
-    def body_timeout(exc: BodyTimeout) -> web.Response:
-        response = json_error(408, str(exc))
-        response.force_close()
-        return response
 
     async def _start_turn_checks(self, app: web.Application) -> None:
         self.turn.start()
@@ -184,7 +178,7 @@ class SignalingService:
         try:
             body = await self.read_body(request)
         except BodyTimeout as exc:
-            return self.body_timeout(exc)
+            return exc.response()
         except web.HTTPRequestEntityTooLarge:
             return json_error(413, f"the body is larger than {MAX_BODY_BYTES} bytes; an offer is a few kB")
         try:

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from .errors import json_error
+from .metrics import RefusalLog
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-LOG_EVERY_S = 60.0
 
 
 @dataclass
@@ -36,7 +37,12 @@ class ConnectionLimits:
 
 
 class BodyTimeout(Exception):
-    """The request body did not arrive in time: answer 408 (and close the connection)."""
+    """The request body did not arrive in time: answer with `response()`, 408, and close the connection."""
+
+    def response(self) -> web.Response:
+        response = json_error(408, str(self))
+        response.force_close()
+        return response
 
 
 async def read_body(request: web.Request, timeout_s: float) -> bytes:
@@ -79,8 +85,7 @@ class ConnectionGuard:
         self.refused: dict[str, int] = {}
         self._by_handler: dict[object, _Connection] = {}  # aiohttp's RequestHandler: one per connection
         self._per_address: dict[str, int] = {}
-        self._logged_at: dict[str, float] = {}
-        self._unlogged: dict[str, int] = {}
+        self._log = RefusalLog(logger=log)
 
     @property
     def open_connections(self) -> int:
@@ -180,7 +185,7 @@ class ConnectionGuard:
         self.refused[reason] = self.refused.get(reason, 0) + 1
         if self.on_refused is not None:
             self.on_refused(reason)
-        self._log(address, reason, why)
+        self._log.note(address, reason, why)
         if not on_connect:
             transport.abort()
             return
@@ -189,19 +194,6 @@ class ConnectionGuard:
         transport.pause_reading()
         loop = asyncio.get_running_loop()
         loop.call_soon(loop.call_soon, transport.abort)
-
-    def _log(self, address: str, reason: str, why: str) -> None:
-        now = time.monotonic()
-        if now - self._logged_at.get(address, -LOG_EVERY_S) < LOG_EVERY_S:
-            self._unlogged[address] = self._unlogged.get(address, 0) + 1
-            return
-        if len(self._logged_at) > 4096:  # forget clients not logged for a minute
-            self._logged_at = {a: t for a, t in self._logged_at.items() if now - t < LOG_EVERY_S}
-            self._unlogged = {a: n for a, n in self._unlogged.items() if a in self._logged_at}
-        self._logged_at[address] = now
-        more = self._unlogged.pop(address, 0)
-        log.warning("connection from %s closed (%s): %s%s", address, reason, why,
-                    f"; {more} more since the last report" if more else "")
 
 
 async def start_guarded_runner(app: web.Application, guard: ConnectionGuard) -> web.AppRunner:

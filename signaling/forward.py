@@ -87,9 +87,7 @@ class CallForwarder:
         try:
             body = await read_body(request, self.body_timeout_s)
         except BodyTimeout as exc:
-            response = json_error(408, str(exc))
-            response.force_close()
-            return response
+            return exc.response()
         headers = {name: request.headers[name] for name in REQUEST_HEADERS if name in request.headers}
         headers.update(extra or {})
         url = f"http://127.0.0.1:{worker.link.http_port}{request.rel_url}"

@@ -114,8 +114,9 @@ class RefusalLog:
     """A refusal logged with its client and reason, at most once a minute per client and reason: a stranger
     who floods must not flood the log too (the counter still counts each one)."""
 
-    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
-        self.every_s, self.clock = every_s, clock
+    def __init__(self, every_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger = log):
+        self.every_s, self.clock, self.logger = every_s, clock, logger
         self._last: dict[tuple[str, str], float] = {}
         self._unlogged: dict[tuple[str, str], int] = {}
 
@@ -129,7 +130,7 @@ class RefusalLog:
             self._unlogged = {k: n for k, n in self._unlogged.items() if k in self._last}
         self._last[key] = now
         more = self._unlogged.pop(key, 0)
-        log.warning("refused %s (%s): %s%s", client, reason, why, f" ({more} more since)" if more else "")
+        self.logger.warning("refused %s (%s): %s%s", client, reason, why, f" ({more} more since)" if more else "")
 
 
 class ServiceMetrics:

@@ -133,7 +133,7 @@ class WhipEndpoint:
         try:
             sdp = (await self.service.read_body(request)).decode()
         except BodyTimeout as exc:
-            return self.service.body_timeout(exc)
+            return exc.response()
         except web.HTTPRequestEntityTooLarge:
             return json_error(413, f"the offer is larger than {MAX_BODY_BYTES} bytes")
         except UnicodeDecodeError:
@@ -171,7 +171,7 @@ class WhipEndpoint:
         try:
             fragment = (await self.service.read_body(request)).decode(errors="replace")
         except BodyTimeout as exc:
-            return self.service.body_timeout(exc)
+            return exc.response()
         ufrag, pwd = _ice_credentials(fragment)
         current = _ice_credentials(session.remote_sdp)
         if (ufrag and ufrag != current[0]) or (pwd and pwd != current[1]):
