@@ -36,7 +36,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import fractions
 import json
 import os
 import re
@@ -53,18 +52,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the attack clients the tests use (tests/attackers.py)
 
 import aiohttp  # noqa: E402
-import av  # noqa: E402
 import numpy as np  # noqa: E402
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription  # noqa: E402
 from aiortc.rtcsctptransport import (  # noqa: E402
     SCTP_DATA_FIRST_FRAG,
     USERDATA_MAX_LENGTH,
-    WEBRTC_BINARY,
-    DataChunk,
-    tsn_plus_one,
 )
+from attackers import ChunkCrafter, SparseTrack, UnpacedTone, aiortc_offer  # noqa: E402
 
 from server.caller import CallFailed, CallRefused, place_call, record_track  # noqa: E402
 from server.media.audio_out import OutboundAudioTrack  # noqa: E402
@@ -196,17 +193,6 @@ def tone(seconds: float, hz: float = 440.0, rate: int = 48000) -> np.ndarray:
     return (0.1 * np.sqrt(2) * np.sin(2 * np.pi * hz * t)).astype(np.float32)
 
 
-async def aiortc_offer() -> str:
-    """A complete offer from a real aiortc peer: audio both ways and the `events` data channel."""
-    pc = RTCPeerConnection()
-    pc.addTransceiver("audio", direction="sendrecv")
-    pc.createDataChannel("events")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
-
-
 async def post_offer(http: aiohttp.ClientSession, url: str, sdp: str) -> tuple[int, dict, str | None]:
     """POST /offer: (status, JSON body or {"text": ...}, Retry-After)."""
     async with http.post(f"{url}/offer", json={"sdp": sdp, "type": "offer"}) as response:
@@ -293,47 +279,6 @@ async def legit_tries(url: str, until: float, every_s: float = 3.0, seconds: flo
 def receive_figures(summary: dict) -> dict:
     receive = summary.get("receive") or {}
     return {key: receive.get(key) for key in ("concealed_ms", "late", "loop_stalls", "loop_stalled_ms")}
-
-
-class SparseTrack(MediaStreamTrack):
-    """One 20 ms Opus packet every `every_s` (RTP time runs on): a line held with almost no traffic."""
-
-    kind = "audio"
-
-    def __init__(self, every_s: float):
-        super().__init__()
-        self.every_s = every_s
-        self.sent = 0
-        self._pts = 0
-
-    async def recv(self) -> av.AudioFrame:
-        if self.sent:
-            await asyncio.sleep(self.every_s)
-        frame = av.AudioFrame.from_ndarray(np.full((1, 1920), 300, np.int16), format="s16", layout="stereo")
-        frame.sample_rate, frame.pts, frame.time_base = 48000, self._pts, fractions.Fraction(1, 48000)
-        self._pts += round(self.every_s * 48000)
-        self.sent += 1
-        return frame
-
-
-class UnpacedTone(MediaStreamTrack):
-    """A 20 ms frame of tone each time aiortc asks, after only `gap_s`: about ten times real time."""
-
-    kind = "audio"
-
-    def __init__(self, gap_s: float):
-        super().__init__()
-        self.gap_s = gap_s
-        self.pts = 0
-
-    async def recv(self) -> av.AudioFrame:
-        await asyncio.sleep(self.gap_s)
-        t = (self.pts + np.arange(960)) / 48000
-        samples = (0.1 * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16).reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(np.repeat(samples, 2, axis=1), format="s16", layout="stereo")
-        frame.sample_rate, frame.pts, frame.time_base = 48000, self.pts, fractions.Fraction(1, 48000)
-        self.pts += 960
-        return frame
 
 
 def many_audio_sections(sdp: str, count: int) -> str:
@@ -632,29 +577,6 @@ async def patch_flood(server: Server, plan: Plan) -> dict:
     ended = f"ended {summary.get('end_kind')}: {summary.get('end_reason')}" if summary.get("ended") else "up"
     return {"statuses": dict(statuses), "sent": sum(statuses.values()), "took_s": round(took, 1),
             "rss_mb": f"{rss_before} -> {rss_after}", "whip_call": f"{state} (server: {ended})"}
-
-
-class ChunkCrafter:
-    """Queues SCTP DATA chunks of our own making on a connected aiortc peer's transport (aiortc privates)."""
-
-    def __init__(self, pc: RTCPeerConnection, stream_id: int):
-        self.sctp = pc.sctp
-        self.stream_id = stream_id
-
-    def queue(self, flags: int, data: bytes, stream_seq: int) -> None:
-        sctp = self.sctp
-        chunk = DataChunk(flags=flags)
-        chunk.tsn, chunk.stream_seq, chunk.protocol, chunk.user_data = sctp._local_tsn, stream_seq, WEBRTC_BINARY, data
-        chunk.stream_id = self.stream_id
-        chunk._abandoned = chunk._acked = chunk._in_flight = chunk._retransmit = False
-        chunk._book_size, chunk._expiry, chunk._max_retransmits = len(data), None, None
-        chunk._misses = chunk._sent_count = 0
-        chunk._sent_time = None
-        sctp._local_tsn = tsn_plus_one(sctp._local_tsn)
-        sctp._outbound_queue.append(chunk)
-
-    def next_stream_seq(self) -> int:
-        return self.sctp._outbound_stream_seq.get(self.stream_id, 0)
 
 
 async def endless_dc_message(server: Server, plan: Plan) -> dict:

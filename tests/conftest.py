@@ -128,19 +128,6 @@ async def connect(server: RunningServer, pc):
     return session
 
 
-async def aiortc_offer() -> str:
-    """A complete offer from a real aiortc peer: audio both ways and the `events` data channel."""
-    from aiortc import RTCPeerConnection
-
-    pc = RTCPeerConnection()
-    pc.addTransceiver("audio", direction="sendrecv")
-    pc.createDataChannel("events")
-    await pc.setLocalDescription(await pc.createOffer())
-    sdp = pc.localDescription.sdp
-    await pc.close()
-    return sdp
-
-
 async def stop_server(server: RunningServer) -> None:
     await server.runner.cleanup()
     await server.engine.stop()

@@ -14,7 +14,8 @@ import aiohttp
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
-from conftest import aiortc_offer, start_server, stop_server
+from attackers import aiortc_offer
+from conftest import start_server, stop_server
 from test_whip import SDP, SDPFRAG, WhipClient
 
 from server.caller import place_call

@@ -29,8 +29,8 @@ from aiortc.rtcsctptransport import (
     WEBRTC_STRING,
     DataChunk,
     tsn_minus_one,
-    tsn_plus_one,
 )
+from attackers import ChunkCrafter
 
 from server.media.aiortc_compat import AiortcChanged
 from server.media.sctp_compat import (
@@ -67,21 +67,11 @@ class Peers:
 
     def queue_chunk(self, flags: int, data: bytes, stream_seq: int, pp_id: int = WEBRTC_BINARY,
                     stream_id: int | None = None) -> None:
-        """Queue a DATA chunk of our own making on the client's transport, as its `_send` would (then it
-        goes out and is retransmitted under aiortc's congestion control): `_transmit()` sends it."""
-        sctp = self.client.sctp
-        chunk = DataChunk(flags=flags)
-        chunk.tsn, chunk.stream_seq, chunk.protocol, chunk.user_data = sctp._local_tsn, stream_seq, pp_id, data
-        chunk.stream_id = self.channel.id if stream_id is None else stream_id
-        chunk._abandoned = chunk._acked = chunk._in_flight = chunk._retransmit = False
-        chunk._book_size, chunk._expiry, chunk._max_retransmits = len(data), None, None
-        chunk._misses = chunk._sent_count = 0
-        chunk._sent_time = None
-        sctp._local_tsn = tsn_plus_one(sctp._local_tsn)
-        sctp._outbound_queue.append(chunk)
+        """Queue a DATA chunk of our own making on the client's transport; `_transmit()` sends it."""
+        ChunkCrafter(self.client, self.channel.id).queue(flags, data, stream_seq, pp_id, stream_id)
 
     def next_stream_seq(self) -> int:
-        return self.client.sctp._outbound_stream_seq.get(self.channel.id, 0)
+        return ChunkCrafter(self.client, self.channel.id).next_stream_seq()
 
 
 @contextlib.asynccontextmanager

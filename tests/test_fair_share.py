@@ -8,15 +8,13 @@ offers, and aiortc peers that send a packet now and then. Each test asserts what
 from __future__ import annotations
 
 import asyncio
-import fractions
 import re
 
 import aiohttp
-import av
-import numpy as np
 import pytest
-from aiortc import MediaStreamTrack, RTCPeerConnection
-from conftest import aiortc_offer, connect, start_server, stop_server
+from aiortc import RTCPeerConnection
+from attackers import SparseTrack, aiortc_offer
+from conftest import connect, start_server, stop_server
 from test_abuse import STRANGER, assert_a_caller_gets_through, from_address
 from test_media_workers import start_front, stop_front
 
@@ -88,34 +86,6 @@ async def test_the_share_holds_across_media_workers():
         await assert_a_caller_gets_through(front)
     finally:
         await stop_front(front)
-
-
-class SparseTrack(MediaStreamTrack):
-    """An attacker's (or a DTX caller's) audio: one 20 ms Opus packet every `every_s`; RTP time runs on."""
-
-    kind = "audio"
-
-    def __init__(self, every_s: float):
-        super().__init__()
-        self.every_s = every_s
-        self.sent = 0
-        self._pts = 0
-        self._sent_changed = asyncio.Condition()
-
-    async def recv(self) -> av.AudioFrame:
-        if self.sent:
-            await asyncio.sleep(self.every_s)  # the behaviour under test: a packet now and then
-        frame = av.AudioFrame.from_ndarray(np.full((1, 1920), 300, np.int16), format="s16", layout="stereo")
-        frame.sample_rate, frame.pts, frame.time_base = 48000, self._pts, fractions.Fraction(1, 48000)
-        self._pts += round(self.every_s * 48000)
-        self.sent += 1
-        async with self._sent_changed:
-            self._sent_changed.notify_all()
-        return frame
-
-    async def wait_sent(self, count: int) -> None:
-        async with self._sent_changed:
-            await self._sent_changed.wait_for(lambda: self.sent >= count)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import av
 import numpy as np
 import pytest
 from aiortc import RTCPeerConnection
-from conftest import aiortc_offer
+from attackers import aiortc_offer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -8,13 +8,11 @@ engine counts what it is given, beside an honest caller on the same server.
 from __future__ import annotations
 
 import asyncio
-import fractions
 
 import aiohttp
-import av
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamTrack
+from attackers import UnpacedTone
 from conftest import start_server, stop_server
 
 from server.caller import place_call
@@ -41,26 +39,6 @@ def test_a_stream_faster_than_real_time_gets_real_time_and_a_quiet_spell_saves_u
     quiet_until = 60.0  # a minute of nothing, then a blast
     burst = sum(gate.admit(quiet_until + i * 1e-4) for i in range(100))
     assert burst == 1 + FRAME_SLACK
-
-
-class UnpacedTone(MediaStreamTrack):
-    """A 20 ms frame of a tone each time aiortc asks, after only `gap_s`: a sender ahead of its own timestamps."""
-
-    kind = "audio"
-
-    def __init__(self, gap_s: float):
-        super().__init__()
-        self.gap_s = gap_s
-        self.pts = 0
-
-    async def recv(self) -> av.AudioFrame:
-        await asyncio.sleep(self.gap_s)
-        t = (self.pts + np.arange(960)) / 48000
-        samples = (0.1 * 32767 * np.sin(2 * np.pi * 440 * t)).astype(np.int16).reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(np.repeat(samples, 2, axis=1), format="s16", layout="stereo")
-        frame.sample_rate, frame.pts, frame.time_base = 48000, self.pts, fractions.Fraction(1, 48000)
-        self.pts += 960
-        return frame
 
 
 async def test_a_caller_sending_ten_times_real_time_is_stepped_at_real_time_and_counted():
