@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="behind a reverse proxy: take the client's address from X-Forwarded-For")
     guard.add_argument("--media-timeout", type=float, default=10.0,
                        help="end a call whose caller sends no audio for this many seconds (a vanished caller)")
+    guard.add_argument("--resume-window", type=float, default=30.0,
+                       help="seconds a call whose caller went away (its media stopped past the media timeout, or its "
+                            "connection failed) keeps its slot and model context for the caller to come back: the same "
+                            "path, an ICE restart, or a resume on a new connection with its resume_token; 0: such a "
+                            "call ends at once")
     guard.add_argument("--connect-timeout", type=float, default=5.0,
                        help="end an answered call whose connection is not up this many seconds later (its slot "
                             "is free again); 0: wait for the media timeout")
@@ -262,7 +267,8 @@ async def serve(args: argparse.Namespace) -> int:
     model = _first_choice(args)
     engine = _engine_for(args, model)
     config = SignalingConfig(
-        ice=ice, media_timeout_s=args.media_timeout, connect_timeout_s=args.connect_timeout or None,
+        ice=ice, media_timeout_s=args.media_timeout, resume_window_s=max(0.0, args.resume_window),
+        connect_timeout_s=args.connect_timeout or None,
         api_token=args.api_token, cors_origins=tuple(args.cors_origin),
         max_offers_per_minute=args.max_offers_per_minute, trust_forwarded_for=args.trust_forwarded_for,
         max_calls_per_client=args.max_calls_per_client,

@@ -1,6 +1,8 @@
 """The HTTP side: offer/answer, hang-up, health, status, and the web page.
 
-    POST   /offer             {"sdp", "type": "offer", "persona"?} -> 200 {"sdp", "type": "answer", "session_id"}
+    POST   /offer             {"sdp", "type": "offer", "persona"?} -> 200 {"sdp", "type": "answer", "session_id",
+                              "resume_token"}; with "resume": the call's caller on a new connection, and
+                              POST /sessions/{id}/offer: an ICE restart (signaling.recovery)
     DELETE /sessions/{id}     hang a call up                       -> 200 {"session_id", "ended": true}
     GET    /sessions/{id}     a call's live figures                -> 200 JSON
     GET    /healthz           alive: 200, or 503 once the model's device has failed (restart the process)
@@ -51,6 +53,7 @@ from .guards import OfferRateLimit, client_of, cors_middleware, token_middleware
 from .health import ServiceHealth
 from .metrics import METRICS_KEY, ServiceMetrics, TurnTotals
 from .offer_check import MAX_BODY_BYTES, OfferRejected, parse_offer_json
+from .recovery import CallRecovery
 from .whip import WhipEndpoint, whip_options
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,7 @@ def default_calls_per_client(max_calls: int) -> int:
 class SignalingConfig:
     ice: IceConfig = field(default_factory=IceConfig)
     media_timeout_s: float = 10.0
+    resume_window_s: float = 30.0  # a call whose caller went away waits this long for it to come back; 0: ends
     connect_timeout_s: float | None = 5.0  # an answered call not connected this long gives its slot back
     max_output_buffer_ms: int = 400  # model audio waiting to be sent; past it the oldest is dropped
     max_standing_ms: int = 60  # delay the outbound buffer may hold for a whole second before it is shed
@@ -120,6 +124,7 @@ class SignalingService:
         self.health = ServiceHealth(self)
         self.draining = False  # set by drain(): no new calls, readiness fails, calls in progress go on
         self.connections = ConnectionGuard(self.config.connections, on_refused=self.metrics.connection_refused)
+        self.recovery = CallRecovery(self)
 
     def app(self) -> web.Application:
         config = self.config
@@ -140,6 +145,7 @@ class SignalingService:
             app.router.add_post("/offer", self.post_offer)
             app.router.add_delete("/sessions/{session_id}", self.delete_session)
             app.router.add_get("/sessions/{session_id}", self.get_session)
+            self.recovery.add_routes(app)
             WhipEndpoint(self).add_routes(app)
         self.health.add_routes(app)
         app.router.add_get("/ice-servers", self.ice_servers)
@@ -186,12 +192,16 @@ class SignalingService:
         except OfferRejected as rejected:
             self.metrics.rejected("bad_offer", self.client(request), f"{rejected.status}: {rejected.message}")
             return json_error(rejected.status, rejected.message)
+        if offer.resume is not None:  # a call in progress: no new slot, never "busy"
+            return await self.recovery.resume(request, offer)
         try:
             session, answer = await self.start_session(offer.description, offer.persona, self.client(request))
         except SessionRefused as refused:
             return refused.response()
         return web.json_response({"sdp": answer.sdp, "type": answer.type, "session_id": session.session_id,
-                                  "session_url": self.session_url("sessions", session.session_id)})
+                                  "session_url": self.session_url("sessions", session.session_id),
+                                  "resume_token": session.handovers.token,
+                                  "resume_window_s": session.handovers.window_s})
 
     def client(self, request: web.Request) -> str:
         """Who is calling (signaling.guards.client_of): behind the front of media workers, the front says."""
@@ -237,7 +247,8 @@ class SignalingService:
                               max_output_buffer_ms=self.config.max_output_buffer_ms,
                               max_standing_ms=self.config.max_standing_ms, on_end=self._forget,
                               observer=self.metrics, max_duration_s=self.config.max_call_s,
-                              connect_timeout=self.config.connect_timeout_s, client=client)
+                              connect_timeout=self.config.connect_timeout_s, client=client,
+                              resume_window_s=self.config.resume_window_s)
         try:
             answer = await asyncio.wait_for(session.answer(offer), self.config.answer_timeout_s)
         except RelayUnavailable as exc:

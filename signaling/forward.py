@@ -26,6 +26,7 @@ from server.media.workers import MediaWorkers, WorkerProcess
 
 from .connections import BodyTimeout, read_body
 from .errors import SessionRefused, json_error
+from .offer_check import resume_target
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class CallForwarder:
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/offer", self.new_call)
         app.router.add_post("/whip", self.new_call)
-        for path in ("/sessions/{session_id}", "/whip/{session_id}"):
+        for path in ("/sessions/{session_id}", "/sessions/{session_id}/offer", "/whip/{session_id}"):
             app.router.add_route("*", path, self.existing_call)
         app.on_cleanup.append(self._close)
 
@@ -68,6 +69,11 @@ class CallForwarder:
         return self._http
 
     async def new_call(self, request: web.Request) -> web.Response:
+        if request.path == "/offer" and (resumed := await self._resumed_session(request)) is not None:
+            worker = self.workers.holding(resumed)  # the call's own worker, past every gate: it holds a slot
+            if worker is None:
+                return json_error(404, "no such session (its media worker is gone, and the call with it)")
+            return await self._forward(request, worker)
         if request.method == "POST" and self.gate is not None and (refused := await self.gate()) is not None:
             return json_error(refused.status, refused.message, refused.headers)
         worker = self.workers.pick()
@@ -82,6 +88,14 @@ class CallForwarder:
         if worker is None:
             return json_error(404, "no such session (it may have ended already)")
         return await self._forward(request, worker)
+
+    async def _resumed_session(self, request: web.Request) -> str | None:
+        """The session a `POST /offer` resumes, if any (the body is read here once; aiohttp keeps it)."""
+        try:
+            body = await read_body(request, self.body_timeout_s)
+        except BodyTimeout:
+            return None  # _forward reads it again and answers 408
+        return resume_target(body)
 
     async def _forward(self, request: web.Request, worker: WorkerProcess, extra: dict | None = None) -> web.Response:
         try:

@@ -28,6 +28,7 @@ METRICS_KEY: web.AppKey[ServiceMetrics] = web.AppKey("metrics")
 LEVEL_BUCKETS = (-90, -70, -60, -50, -40, -30, -20, -10, -3, 0)
 STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
 DELAY_BUCKETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+MOVE_GAP_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
 RECEIVE_DELAY_BUCKETS = (0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4)
 # ReceiveStats fields (server.media.audio_receive) summed over live and ended calls
 RECEIVE_COUNTERS = (
@@ -164,6 +165,12 @@ class ServiceMetrics:
             "moshi_receive_target_delay_seconds",
             "Per frame: the receive jitter buffer's target delay (follows the caller's arrival jitter)",
             buckets=RECEIVE_DELAY_BUCKETS, registry=r)
+        self.call_moves = Counter(
+            "moshi_call_moves", "Calls that carried on through a network change, by how (followed: the server "
+            "followed the caller to a new address; renominated: the caller chose a new path; restart: an ICE "
+            "restart; resume: a new peer connection; returned: the same path came back)", ["kind"], registry=r)
+        self.call_move_gap = Histogram("moshi_call_move_gap_seconds", "How long the audio stopped, per move",
+                                       ["kind"], buckets=MOVE_GAP_BUCKETS, registry=r)
         self._ended_output_dropped_s = 0.0
         self._ended_receive: dict[str, float] = {}
         self._live_sessions = live_sessions
@@ -206,6 +213,10 @@ class ServiceMetrics:
         self._ended_output_dropped_s += output_dropped_s
         for key, _, _ in RECEIVE_COUNTERS:
             self._ended_receive[key] = self._ended_receive.get(key, 0) + (receive or {}).get(key, 0)
+
+    def call_moved(self, kind: str, gap_s: float) -> None:
+        self.call_moves.labels(kind).inc()
+        self.call_move_gap.labels(kind).observe(gap_s)
 
     def rejected(self, reason: str, client: str | None = None, why: str = "") -> None:
         """Count a refused request; with its `client`, log it too (signaling.metrics.RefusalLog)."""

@@ -31,14 +31,34 @@ class OfferRejected(Exception):
 
 
 @dataclass(frozen=True)
+class Resume:
+    """`"resume": {"session_id": ..., "token": ...}`: the offer is for a call in progress, on a new connection."""
+
+    session_id: str
+    token: str
+
+    @classmethod
+    def from_json(cls, value: object) -> Resume | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not all(isinstance(value.get(k), str) and 0 < len(value[k]) <= 256
+                                                  for k in ("session_id", "token")):
+            raise OfferRejected(400, '"resume" must be {"session_id": str, "token": str}, as the call\'s answer '
+                                     'gave them (session_id, resume_token)')
+        return cls(value["session_id"], value["token"])
+
+
+@dataclass(frozen=True)
 class Offer:
     description: RTCSessionDescription
     persona: Persona | None = None
+    resume: Resume | None = None
 
 
 def parse_offer_json(body: bytes, content_type: str) -> Offer:
-    """The `POST /offer` body: JSON `{"sdp": ..., "type": "offer", "persona": {...}}` with a usable SDP.
-    `persona` is optional: {"prompt": str, "voice": str} for a model that takes one."""
+    """The `POST /offer` body: JSON `{"sdp": ..., "type": "offer", "persona": {...}, "resume": {...}}` with a
+    usable SDP. `persona` is optional: {"prompt": str, "voice": str} for a model that takes one; `resume`
+    too: {"session_id": str, "token": str} for a call in progress (signaling.recovery)."""
     if content_type != "application/json":
         raise OfferRejected(415, f"the body must be application/json, got {content_type or 'no content type'}")
     try:
@@ -59,7 +79,19 @@ def parse_offer_json(body: bytes, content_type: str) -> Offer:
         persona = Persona.from_json(payload.get("persona"))
     except PersonaError as exc:
         raise OfferRejected(400, str(exc)) from None
-    return Offer(RTCSessionDescription(sdp=sdp, type="offer"), persona)
+    return Offer(RTCSessionDescription(sdp=sdp, type="offer"), persona, Resume.from_json(payload.get("resume")))
+
+
+def resume_target(body: bytes) -> str | None:
+    """The session a `POST /offer` body resumes, if it is one (the front routes it to that call's worker);
+    whatever else is wrong with the body, the worker says."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    resume = payload.get("resume") if isinstance(payload, dict) else None
+    session_id = resume.get("session_id") if isinstance(resume, dict) else None
+    return session_id if isinstance(session_id, str) else None
 
 
 def check_offer_sdp(sdp: str) -> None:

@@ -5,7 +5,8 @@
     POST    /whip               application/sdp offer -> 201 Created, Location: /whip/{id},
                                 the answer SDP, ETag, and Link: <url>; rel="ice-server" headers
     PATCH   /whip/{id}          application/trickle-ice-sdpfrag: the client's trickled candidates -> 204;
-                                an ICE restart (new ufrag/pwd) -> 422, as this server does not restart ICE
+                                an ICE restart (new ice-ufrag/ice-pwd, RFC 9725 section 4.3.2) -> 200 with the
+                                server's new credentials and candidates as a trickle-ice-sdpfrag, and a new ETag
     DELETE  /whip/{id}          ends the call -> 200
 
 A persona goes in the query: `POST /whip?prompt=...&voice=...` (PersonaPlex-style models).
@@ -25,6 +26,7 @@ from aiohttp import web
 from aiortc import RTCIceCandidate, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
+from server.media.ice_restart import IceRestartRefused, restart_fragment, sdp_ice_credentials
 from server.model.persona import Persona
 
 from .connections import BodyTimeout
@@ -41,12 +43,6 @@ SDPFRAG = "application/trickle-ice-sdpfrag"
 MAX_PATCHES_PER_CALL = 20  # a client trickles as it gathers: a handful of requests
 MAX_PATCH_CANDIDATES = 32  # per request
 MAX_TRICKLED_CANDIDATES = 32  # per call, beside the offer's own (signaling.offer_check.MAX_OFFER_CANDIDATES)
-
-
-def _ice_credentials(sdp: str) -> tuple[str | None, str | None]:
-    ufrag = re.search(r"^a=ice-ufrag:(\S+)", sdp, re.MULTILINE)
-    pwd = re.search(r"^a=ice-pwd:(\S+)", sdp, re.MULTILINE)
-    return (ufrag.group(1) if ufrag else None, pwd.group(1) if pwd else None)
 
 
 async def whip_options(request: web.Request) -> web.StreamResponse:
@@ -172,10 +168,10 @@ class WhipEndpoint:
             fragment = (await self.service.read_body(request)).decode(errors="replace")
         except BodyTimeout as exc:
             return exc.response()
-        ufrag, pwd = _ice_credentials(fragment)
-        current = _ice_credentials(session.remote_sdp)
+        ufrag, pwd = sdp_ice_credentials(fragment)
+        current = session.remote_ice_credentials
         if (ufrag and ufrag != current[0]) or (pwd and pwd != current[1]):
-            return json_error(422, "ICE restarts are not supported: hang up and call again")
+            return await self._restart_ice(request, session, fragment)
         try:
             candidates = _trickled_candidates(fragment, set(re.findall(r"^a=mid:(\S+)", session.remote_sdp, re.M)))
         except TrickleRejected as rejected:
@@ -192,6 +188,16 @@ class WhipEndpoint:
                 return json_error(400, f"a candidate was refused: {type(exc).__name__}: {exc}")
         log.info("whip session %s: %d trickled candidates", session.session_id, len(candidates))
         return web.Response(status=204)
+
+    async def _restart_ice(self, request: web.Request, session, fragment: str) -> web.Response:
+        """RFC 9725 section 4.3.2: the client's new credentials (and candidates) in, the server's out."""
+        try:
+            answer = await session.restart_ice(fragment, fragment=True)
+        except IceRestartRefused as refused:
+            self.service.metrics.rejected("bad_trickle", self.service.client(request), refused.message)
+            return json_error(refused.status, refused.message)
+        return web.Response(status=200, text=restart_fragment(answer), content_type=SDPFRAG,
+                            headers={"ETag": f'"{session.session_id}.{session.ice_restart_requests}"'})
 
     async def delete(self, request: web.Request) -> web.Response:
         session = self.service.sessions.get(request.match_info["session_id"])

@@ -12,6 +12,10 @@ seconds, or None to drop it. A rule that models a longer path says so in a
 `path_delay_s` attribute: the other packets (RTCP, STUN, DTLS) are delayed by
 that much, never lost, so round-trip times measured over RTCP see the path as
 they would on a real network.
+
+A network change is `rebind()`: the server-facing socket is replaced by one on a new port (a NAT that
+rebinds, a phone whose Wi-Fi gave way to cellular), the old one closed, so the old path is dead. An outage
+is `cut()` ... `restore()`: every datagram either way is dropped meanwhile (STUN and DTLS too).
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class UdpRelay:
         self._caller_side: _Side | None = None
         self._server_side: _Side | None = None
         self._loop = asyncio.get_event_loop()
+        self.cut_off = False
+        self.rebinds = 0
+        self.datagrams_after_cut = 0  # datagrams dropped by cut()
 
     async def start(self) -> UdpRelay:
         loop = asyncio.get_running_loop()
@@ -77,6 +84,27 @@ class UdpRelay:
         _, self._server_side = await loop.create_datagram_endpoint(
             lambda: _Side(self._from_server), local_addr=("127.0.0.1", 0))
         return self
+
+    async def rebind(self) -> int:
+        """Move the server-facing side to a new port, closing the old one; returns the new port."""
+        old = self._server_side
+        _, self._server_side = await self._loop.create_datagram_endpoint(
+            lambda: _Side(self._from_server), local_addr=("127.0.0.1", 0))
+        if old is not None and old.transport is not None:
+            old.transport.close()
+        self.rebinds += 1
+        return self.server_side_port
+
+    @property
+    def server_side_port(self) -> int:
+        return self._server_side.transport.get_extra_info("sockname")[1]
+
+    def cut(self) -> None:
+        """Drop every datagram, both ways, until `restore()`."""
+        self.cut_off = True
+
+    def restore(self) -> None:
+        self.cut_off = False
 
     @property
     def caller_port(self) -> int:
@@ -116,6 +144,9 @@ class UdpRelay:
             self._pass(self.down, data, self._caller_side, self.caller_address)
 
     def _pass(self, direction: Direction, data: bytes, side: _Side, to: tuple) -> None:
+        if self.cut_off:
+            self.datagrams_after_cut += 1
+            return
         delay = getattr(direction.rule, "path_delay_s", 0.0)
         if is_media(data):
             index = direction.media

@@ -179,8 +179,8 @@ async def test_a_caller_whose_network_goes_away_fails_ice_consent_and_says_why(m
     aioice's consent expiry: the server's own consent checks go unanswered and the call ends as ICE, saying so.
     Consent checks every 0.2 s instead of 5 s keep it short; the expiry is the same six unanswered checks."""
     monkeypatch.setattr(aioice.ice, "CONSENT_INTERVAL", 0.2)
-    server = await start_server(create_engine(ModelSource("echo"), max_calls=1),
-                                SignalingConfig(media_timeout_s=600.0))
+    server = await start_server(create_engine(ModelSource("echo"), max_calls=1),  # no resume window: it ends
+                                SignalingConfig(media_timeout_s=600.0, resume_window_s=0))
     relay = await UdpRelay().start()
     pc = caller()
     connected = asyncio.Event()

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Lower layers never import higher ones (server/__init__.py says what each holds).
 LAYERS = ["server.audio", "server.model", "server.engine", "server.media", "signaling", "tools"]
 TOOLS = {"server.cli", "server.caller", "server.worker"}
-COMPAT_MODULES = {"server.media.aiortc_compat", "server.media.sctp_compat", "server.model.moshi_compat"}
+COMPAT_MODULES = {"server.media.aiortc_compat", "server.media.ice_compat", "server.media.sctp_compat",
+                  "server.model.moshi_compat"}
 
 
 def _modules() -> dict[str, ast.Module]:

@@ -137,6 +137,11 @@ class OutboundAudioTrack(MediaStreamTrack):
         self._drop_oldest(self._buffered - self.max_buffer_samples)
         self._pushed.set()
 
+    def restart_clock(self) -> None:
+        """A new sender reads from now on (a resumed call): pace from its first frame, not from the old
+        sender's, which would let the frames of the time away out in a burst. Timestamps carry on."""
+        self._clock_start = None
+
     def _due(self) -> float:
         """When the next frame is due to go out (time.monotonic)."""
         return self._clock_start + self._pts / self.sample_rate
@@ -199,8 +204,8 @@ class OutboundAudioTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         now = time.monotonic()
-        if self._clock_start is None:
-            self._clock_start = now
+        if self._clock_start is None:  # the first frame, or the first to a new sender (restart_clock)
+            self._clock_start = now - self._pts / self.sample_rate
         due = self._due()
         if due > now:
             await asyncio.sleep(due - now)
@@ -222,3 +227,20 @@ class OutboundAudioTrack(MediaStreamTrack):
         self._pts += self.samples_per_frame
         self.frames_sent += 1
         return frame
+
+
+class SenderTrack(MediaStreamTrack):
+    """One peer connection's view of a call's outbound track. aiortc's sender stops the track it sends when
+    its connection closes; a call resumed on a new connection (server.media.handover) must keep its track,
+    its buffered reply and its timestamps, so each connection gets one of these and stops only it."""
+
+    kind = "audio"
+
+    def __init__(self, source: OutboundAudioTrack):
+        super().__init__()
+        self.source = source
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        return await self.source.recv()

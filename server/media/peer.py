@@ -34,10 +34,12 @@ from aiortc import RTCDataChannel, RTCIceCandidate, RTCPeerConnection, RTCRtpSen
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from ..engine import Call, CallStats, Engine, FrameDropped
-from . import aiortc_compat, events, sctp_compat
-from .audio_out import OutboundAudioTrack
+from . import aiortc_compat, events, ice_compat, sctp_compat
+from .audio_out import OutboundAudioTrack, SenderTrack
 from .audio_receive import ARRIVALS_KEPT, AudioReceiver
+from .handover import Handovers, Move
 from .ice import IceConfig
+from .ice_restart import IceRestartRefused, ReOffer, answer_for_restart, sdp_ice_credentials
 from .opus_sdp import with_opus_fec
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,15 @@ class PeerStats:
         return self.call.mean_input_rms
 
 
+class ResumeRefused(Exception):
+    """A resume that cannot be taken: `status` for the HTTP answer, `message` for the caller."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 class RelayUnavailable(RuntimeError):
     """Media must go through TURN, and TURN gave this peer no relay address."""
 
@@ -71,6 +82,7 @@ class CallObserver(Protocol):
     def call_frame(self, input_rms: float, output_rms: float, mouth_to_ear_s: float,
                    receive_delay_s: float = 0.0) -> None: ...
     def call_ended(self, kind: str, output_dropped_s: float, receive: dict | None = None) -> None: ...
+    def call_moved(self, kind: str, gap_s: float) -> None: ...
 
 
 # The model answers a frame one frame later than it hears it (its structural delay).
@@ -97,20 +109,22 @@ class CallSession:
         max_duration_s: float | None = None,
         connect_timeout: float | None = None,
         client: str | None = None,
+        resume_window_s: float = 0.0,
     ):
         """`media_timeout`: end the call when the caller sends no audio that long (a vanished caller is
         noticed then, long before ICE consent expires). `max_duration_s`: end it after that long.
         `connect_timeout`: end it when its connection is not up that long after the answer, so an offer
         nobody follows up (or a stranger's, sent to hold a slot) gives its slot back in seconds.
-        `client`: who placed the call (an address), for the logs."""
+        `client`: who placed the call (an address), for the logs. `resume_window_s`: how long a caller who
+        went away may take to come back (server.media.handover); 0: its call ends at once."""
         self.session_id = session_id
         self.client = client
         self.engine = engine
         self.call = call
         self.media_timeout = media_timeout
         self.relay_only = ice.relay_only
+        self.ice = ice
         aiortc_compat.allow_rsa_dtls_peers()  # before the peer connection makes its DTLS contexts
-        self.pc = RTCPeerConnection(ice.server_rtc_configuration(session_id))  # no STUN/TURN wait unless relay-only
         self.outbound = OutboundAudioTrack(sample_rate=engine.sample_rate, max_buffer_ms=max_output_buffer_ms,
                                            max_standing_ms=max_standing_ms, align_to_pushes=True)
         self.receiver = AudioReceiver(self._on_inbound_frame, sample_rate=engine.sample_rate,
@@ -141,12 +155,25 @@ class CallSession:
         self._failures: aiortc_compat.TransportFailures | None = None
         self.trickled_candidates = 0  # counted here, bounded by signaling (WHIP PATCH)
         self.trickle_requests = 0  # WHIP PATCH requests taken, counted and bounded by signaling
+        self.ice_restart_requests = 0  # re-offers taken (each gives the answer a new WHIP ETag)
         self.data_guard: sctp_compat.DataChannelGuard | None = None  # once the offer is applied
+        self.follower: ice_compat.PathFollower | None = None  # once the answer is made
+        self.handovers = Handovers(resume_window_s, self._resume_expired, self._on_move)
+        self._return_kind = "returned"  # how an away caller's packets will have come back
+        self._playing = False
+        self._restart: ReOffer | None = None  # the caller's latest ICE restart, once there is one
+        self._local_ice: ice_compat.IceCredentials | None = None  # the server's, after that restart
         if call.prompt is not None:
             self._spawn(self._announce_prompt())
-        self.pc.on("track", self._on_track)
-        self.pc.on("datachannel", self._on_datachannel)
-        self.pc.on("connectionstatechange", self._on_connection_state)
+        self.pc = self._new_peer()
+
+    def _new_peer(self) -> RTCPeerConnection:
+        """A peer connection whose events reach this call while it is the call's own (a resume replaces it)."""
+        pc = RTCPeerConnection(self.ice.server_rtc_configuration(self.session_id))  # no STUN/TURN wait unless relay
+        pc.on("track", lambda track: self._on_track(pc, track))
+        pc.on("datachannel", lambda channel: self._on_datachannel(pc, channel))
+        pc.on("connectionstatechange", lambda: self._on_connection_state(pc))
+        return pc
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task:
         """Start a task owned by this call: kept referenced while it runs, cancelled on hang-up."""
@@ -171,6 +198,13 @@ class CallSession:
 
     async def answer(self, offer: RTCSessionDescription) -> RTCSessionDescription:
         """Apply the caller's offer; the answer returned already holds our ICE candidates."""
+        answer = await self._apply_offer(offer)
+        if self.connect_timeout is not None:
+            self._connect_timer = asyncio.get_running_loop().call_later(self.connect_timeout, self._not_connected)
+        return answer
+
+    async def _apply_offer(self, offer: RTCSessionDescription) -> RTCSessionDescription:
+        """Wire `self.pc` to this call: the caller's audio to the receive path, ours to it, `events`."""
         # The transceiver exists before the offer is applied, so that codecs are negotiated with our
         # preference: Opus only, whatever else is offered (both media paths here speak Opus).
         audio = self.pc.addTransceiver("audio", direction="sendrecv")
@@ -183,24 +217,24 @@ class CallSession:
             if other is not audio:  # offered video is declined: nobody would read it (an unread track grows)
                 other.direction = "inactive"
         self._failures = aiortc_compat.watch_transport_failures(self.pc)  # before ICE starts
-        aiortc_compat.tap_audio_receiver(audio.receiver, self.receiver.on_packet)  # aiortc's decoder sees nothing
+        aiortc_compat.tap_audio_receiver(audio.receiver, self._on_packet)  # aiortc's decoder sees nothing
         aiortc_compat.count_unroutable_rtp(audio.receiver, self.receiver.on_unroutable_packet)
-        audio.sender.replaceTrack(self.outbound)
+        audio.sender.replaceTrack(SenderTrack(self.outbound))  # this connection's: a resume keeps the call's
         aiortc_compat.use_opus_encoder(audio.sender, self.encoder)
         # The DTLS server role where the caller leaves it to us: then any certificate the caller has works.
         await aiortc_compat.answer_as_dtls_server(self.pc)
-        self.stats.answered_at = time.monotonic()
-        if self._reader is None:  # no audio track came with the offer: nothing will ever start the reader
+        self.stats.answered_at = self.stats.answered_at or time.monotonic()
+        if self._reader is None and self._no_track_timer is None:  # no audio track came with the offer
             self._no_track_timer = asyncio.get_running_loop().call_later(self.media_timeout, self._no_track)
-        if self.connect_timeout is not None:
-            self._connect_timer = asyncio.get_running_loop().call_later(self.connect_timeout, self._not_connected)
+        if self.follower is not None:
+            self.follower.close()
+        self.follower = ice_compat.follow_caller(self.pc, self._on_path_switch)
         if self.relay_only and " typ relay" not in self.pc.localDescription.sdp:
             raise RelayUnavailable(
                 "the server got no TURN relay candidate: the TURN server is unreachable or refused "
                 "the server's credentials (check --turn-url and --turn-secret)"
             )
-        local = self.pc.localDescription
-        return RTCSessionDescription(sdp=sctp_compat.with_max_message_size(with_opus_fec(local.sdp)), type=local.type)
+        return RTCSessionDescription(sdp=self.local_sdp, type="answer")
 
     def _not_connected(self) -> None:
         if self.stats.connected_at is None and not self._ending:
@@ -210,15 +244,17 @@ class CallSession:
         if self._reader is None and not self._ending:
             self.fail(f"no audio track from the caller within {self.media_timeout:g} s", kind="no_media")
 
-    def _on_track(self, track: MediaStreamTrack) -> None:
-        if track.kind != "audio" or self._reader is not None:
+    def _on_track(self, pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
+        if pc is not self.pc or track.kind != "audio" or self._reader is not None:
             return
-        self._reader = self._spawn(self._watch_audio(track))
-        self._spawn(self._play_results())
-        self._spawn(self._follow_reported_loss())
+        self._reader = self._spawn(self._watch_audio(pc, track))
+        if not self._playing:
+            self._playing = True
+            self._spawn(self._play_results())
+            self._spawn(self._follow_reported_loss())
 
-    def _on_datachannel(self, channel: RTCDataChannel) -> None:
-        if channel.label != EVENTS_LABEL:
+    def _on_datachannel(self, pc: RTCPeerConnection, channel: RTCDataChannel) -> None:
+        if pc is not self.pc or channel.label != EVENTS_LABEL:
             return
         self.events = channel
         info = self.engine.info
@@ -235,8 +271,10 @@ class CallSession:
             return
         self.send_event(events.PromptDone(seconds=round(seconds, 3)))
 
-    async def _on_connection_state(self) -> None:
-        state = self.pc.connectionState
+    async def _on_connection_state(self, pc: RTCPeerConnection) -> None:
+        if pc is not self.pc:
+            return  # a connection a resume replaced
+        state = pc.connectionState
         log.info("session %s: connection %s", self.session_id, state)
         if state == "connected" and self.stats.connected_at is None:
             self.stats.connected_at = time.monotonic()
@@ -244,15 +282,29 @@ class CallSession:
             if self.observer is not None:
                 self.observer.call_connected(self.path)
         elif state == "failed" and not self._ending:
-            self.fail(*(self._recorded_failure() or ("connection failed", "connection_failed")))
+            self._lost(*(self._recorded_failure() or ("connection failed", "connection_failed")))
         elif state == "closed" and not self._ending:
             # A state handler runs after the state it was told of: when consent expiry closes ICE, aiortc
             # closes the whole connection at once, and this handler may see "closed" for "failed".
             failure = self._recorded_failure()
             if failure is not None:
-                self.fail(*failure)
+                self._lost(*failure)
             else:
                 await self.hang_up("the caller closed the connection", kind="connection_closed")
+
+    def _lost(self, reason: str, kind: str) -> None:
+        """The caller's connection failed (`reason`): a call that was up waits for its caller to come back
+        (a resume) within the resume window; any other ends."""
+        if self._may_wait_for_caller():
+            self._go_away(reason)
+        else:
+            self.fail(reason, kind)
+
+    def _may_wait_for_caller(self) -> bool:
+        """Only a caller who was there goes away: connected, and its audio came (a stranger holding a slot
+        with a connection that never carried a packet gets no window)."""
+        return (self.handovers.resumable and self.stats.connected_at is not None
+                and self.receiver.last_packet_at is not None and not self._ending)
 
     def _recorded_failure(self) -> tuple[str, str] | None:
         """Why a transport failed, and the metrics kind, if one did: ICE first (DTLS cannot start without it)."""
@@ -286,11 +338,12 @@ class CallSession:
 
     # -- media --------------------------------------------------------------------------------
 
-    async def _watch_audio(self, track: MediaStreamTrack) -> None:
+    async def _watch_audio(self, pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
         """End the call when the caller's track ends, or when the media timeout passes without a live stream
         of packets: at least `MIN_PACKETS_PER_S` on average (a packet now and then, sent to hold a line, is
         not a caller; one listening in silence is, its Opus DTX sends 2.5 a second). The track itself carries
-        nothing: its packets go to the receive path."""
+        nothing: its packets go to the receive path. A call that was up and whose caller's media stopped
+        waits for the caller within the resume window instead (server.media.handover)."""
         reason, kind = "caller's audio ended", "caller_gone"
         loop = asyncio.get_running_loop()
         watching_since = loop.time()
@@ -298,9 +351,17 @@ class CallSession:
         try:
             while not self._ending:  # checked every turn: a cancel racing a result can be lost in wait_for
                 now = loop.time()
-                deadline = self._media_deadline(watching_since, needed)
+                if self.handovers.away:
+                    watching_since = now  # back from away: a stream from now on
+                    deadline = now + self.media_timeout
+                else:
+                    deadline = self._media_deadline(watching_since, needed)
                 if now >= deadline:
-                    self.fail(*self._no_live_stream(now, needed))
+                    cause, cause_kind = self._no_live_stream(now, needed)
+                    if cause_kind == "no_media" and self._may_wait_for_caller():
+                        self._go_away(cause)
+                        continue
+                    self.fail(cause, cause_kind)
                     return
                 try:
                     await asyncio.wait_for(track.recv(), deadline - now)
@@ -311,7 +372,12 @@ class CallSession:
             pass
         except asyncio.CancelledError:
             return
-        if not self._ending:
+        if self._ending or pc is not self.pc:
+            return
+        failure = self._recorded_failure()  # the track ends when its transport does: say why, or wait
+        if failure is not None:
+            self._lost(*failure)
+        else:
             self._spawn(self.hang_up(reason, kind=kind))
 
     def _media_deadline(self, watching_since: float, needed: int) -> float:
@@ -334,6 +400,102 @@ class CallSession:
         sent = self.receiver.packets_since(now - self.media_timeout)
         return (f"the caller sent {sent} packet(s) in the last {self.media_timeout:g} s, fewer than a live audio "
                 f"stream ({needed}; Opus DTX in silence sends {round(2.5 * self.media_timeout)})"), "sparse_media"
+
+    # -- a caller who goes away, moves, comes back ------------------------------------------------
+
+    def _on_packet(self, ssrc: int, sequence_number: int, timestamp: int, payload: bytes) -> None:
+        """Every RTP packet of the caller's, from whichever connection is the call's now."""
+        if self.handovers.away:
+            move = self.handovers.came_back(self.receiver.loop.time(), self._return_kind)
+            if move is not None:
+                log.info("session %s: the caller is back (%s) after %.2f s", self.session_id, move.kind, move.gap_s)
+        self.receiver.on_packet(ssrc, sequence_number, timestamp, payload)
+
+    def _go_away(self, why: str) -> None:
+        if self.handovers.away:
+            return
+        self._return_kind = "returned"
+        self.handovers.go_away(why, self.receiver.last_packet_at)
+        log.warning("session %s (client %s): the caller is away (%s); its slot is kept for %g s for it to come "
+                    "back", self.session_id, self.client or "unknown", why, self.handovers.window_s)
+
+    def _resume_expired(self, reason: str) -> None:
+        self.fail(reason, kind="resume_expired")
+
+    def _on_move(self, move: Move) -> None:
+        if self.observer is not None:
+            self.observer.call_moved(move.kind, move.gap_s)
+
+    def _on_path_switch(self, switch: ice_compat.PathSwitch) -> None:
+        """The ICE agent sends on a new path: recorded now, or when the away caller's packets flow again."""
+        if switch.how != "restart":
+            self.path = self._media_path()
+        if self.handovers.away:
+            self._return_kind = switch.how
+        else:
+            self.handovers.note(Move(switch.how, switch.quiet_s))
+
+    async def resume(self, offer: RTCSessionDescription, token: object) -> RTCSessionDescription:
+        """The caller comes back on a new peer connection, proving with `token` that the call is its own:
+        the same slot and model context, the old connection closed. Raises ResumeRefused."""
+        if self._ending:
+            raise ResumeRefused(410, f"the call has ended: {self.end_reason}")
+        if not self.handovers.resumable:
+            raise ResumeRefused(409, "this server does not resume calls (--resume-window 0)")
+        if not self.handovers.owns(token):
+            log.warning("session %s: a resume with a wrong token (client %s)", self.session_id, self.client)
+            raise ResumeRefused(403, "the resume token does not match this call's")
+        old = self.pc
+        self._go_away("the caller resumed on a new connection")
+        self._return_kind = "resume"
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        self.events = None
+        self._restart = self._local_ice = None
+        self.pc = self._new_peer()
+        self._spawn(_close_peer(old))
+        self.outbound.restart_clock()  # a new sender reads from now on
+        answer = await self._apply_offer(offer)
+        log.info("session %s: resumed on a new connection", self.session_id)
+        return answer
+
+    async def restart_ice(self, offer_sdp: str, token: object | None = None, fragment: bool = False) -> str:
+        """An ICE restart (RFC 8445 section 9) within this connection: returns the answer to `offer_sdp`, a
+        re-offer with new ICE credentials and the same DTLS fingerprint (or, `fragment`, WHIP's
+        trickle-ice-sdpfrag with new credentials). `token`: the call's resume token (the JSON API asks for
+        it; WHIP's session URL is its own secret). Raises IceRestartRefused."""
+        if self._ending:
+            raise IceRestartRefused(410, f"the call has ended: {self.end_reason}")
+        if token is not None and not self.handovers.owns(token):
+            raise IceRestartRefused(403, "the resume token does not match this call's")
+        if self.follower is None or self.pc.localDescription is None:
+            raise IceRestartRefused(409, "the call has no ICE agent to restart yet")
+        reoffer = ReOffer.parse(offer_sdp, self.remote_sdp, self._restart, fragment=fragment)
+        local = ice_compat.restart_ice(self.follower, reoffer.credentials, reoffer.candidates)
+        self._restart = reoffer
+        self._local_ice = local
+        self.ice_restart_requests += 1
+        if self.handovers.away:
+            self._return_kind = "restart"
+        log.info("session %s: ICE restart (caller ufrag %s)", self.session_id, reoffer.credentials.ufrag)
+        return self.local_sdp
+
+    @property
+    def local_sdp(self) -> str:
+        """The server's answer as it stands (with its ICE credentials of the latest restart, if any)."""
+        description = self.pc.localDescription
+        if description is None:
+            return ""
+        sdp = sctp_compat.with_max_message_size(with_opus_fec(description.sdp))
+        return answer_for_restart(sdp, self._local_ice) if self._local_ice is not None else sdp
+
+    @property
+    def remote_ice_credentials(self) -> tuple[str | None, str | None]:
+        """The caller's ICE ufrag and pwd now (an ICE restart changes them)."""
+        if self._restart is not None:
+            return self._restart.credentials.ufrag, self._restart.credentials.pwd
+        return sdp_ice_credentials(self.remote_sdp)
 
     async def _follow_reported_loss(self) -> None:
         """Set our encoder's expected loss from the caller's RTCP receiver reports, once a second."""
@@ -459,6 +621,9 @@ class CallSession:
             await self.ended.wait()
             return
         self._ending = True
+        self.handovers.close()
+        if self.follower is not None:
+            self.follower.close()
         self.receiver.close()  # the receive clock stops now: nothing is decoded for a call that is ending
         self.end_reason = reason
         self.end_kind = kind
@@ -498,7 +663,10 @@ class CallSession:
     async def add_remote_candidate(self, candidate: RTCIceCandidate) -> None:
         """A candidate the caller trickled after its offer (WHIP PATCH; signaling bounds how many)."""
         self.trickled_candidates += 1
-        await self.pc.addIceCandidate(candidate)
+        if self._restart is not None and self.follower is not None:  # aiortc's transport has ended its candidates
+            ice_compat.add_remote_candidate(self.follower, candidate)
+        else:
+            await self.pc.addIceCandidate(candidate)
 
     @property
     def output_dropped_s(self) -> float:
@@ -529,6 +697,7 @@ class CallSession:
             "frames_dropped": call.frames_dropped,
             "outbound_samples_dropped": self.outbound.samples_dropped,
             "path": self.path,
+            **self.handovers.summary(),
             "receive": self.receiver.stats.as_dict(),
             "send": {"expected_loss_percent": self.encoder.expected_loss_percent},
             "mouth_to_ear_estimate_ms": (
