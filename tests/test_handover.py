@@ -298,3 +298,39 @@ async def test_a_whip_ice_restart_keeps_the_call_and_answers_with_new_credential
     finally:
         await caller.pc.close()
         await stop_server(server)
+
+
+async def test_resumes_and_restarts_reach_the_calls_media_worker_past_a_full_server():
+    """Behind the front of media workers (the default), a resume goes to the worker holding the call, past
+    the full server's busy gate; an ICE restart request is routed there too."""
+    from test_media_workers import start_front, stop_front
+
+    front = await start_front(max_calls=1, worker_count=2,
+                              config=SignalingConfig(media_timeout_s=1.0, max_calls_per_client=0))
+    relay = await UdpRelay().start()
+    first, second = Caller(), Caller()
+    try:
+        status, answer = await first.offer(front, relay)
+        assert status == 200
+        await asyncio.wait_for(first.connected.wait(), 30)
+        loop = asyncio.get_running_loop()
+        await first.hears_after(loop.time())
+        relay.cut()
+        async with aiohttp.ClientSession() as http:
+            url = f"{front.url}/sessions/{answer['session_id']}"
+            async with http.post(f"{url}/offer", json={"sdp": answer["sdp"], "type": "offer", "token": "x" * 43}) as r:
+                assert r.status == 403  # the worker's answer: the call's token is not that
+            resumed_at = loop.time()
+            status, resumed = await second.offer(front, resume={"session_id": answer["session_id"],
+                                                                "token": answer["resume_token"]})
+            assert status == 200 and resumed["session_id"] == answer["session_id"], resumed
+            await asyncio.wait_for(second.connected.wait(), 30)
+            await second.hears_after(resumed_at)
+            async with http.get(url) as r:
+                summary = await r.json()
+        assert summary["resumes"] == 1 and summary["ended"] is False and summary["resume_refused"] == 1
+    finally:
+        for caller in (first, second):
+            await caller.pc.close()
+        relay.close()
+        await stop_front(front)
