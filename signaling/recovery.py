@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from server.media.call_moves import ResumeRefused
 from server.media.ice_restart import IceRestartRefused
-from server.media.peer import CallSession, ResumeRefused
+from server.media.peer import CallSession
 
 from .connections import BodyTimeout
 from .errors import json_error

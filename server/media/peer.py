@@ -31,16 +31,18 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiortc import RTCDataChannel, RTCIceCandidate, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.mediastreams import MediaStreamTrack
 
 from ..engine import Call, CallStats, Engine, FrameDropped
 from . import aiortc_compat, events, ice_compat, sctp_compat
 from .audio_out import OutboundAudioTrack, SenderTrack
-from .audio_receive import ARRIVALS_KEPT, AudioReceiver
-from .handover import Handovers, Move
+from .audio_receive import AudioReceiver
+from .call_moves import CallMoves
+from .handover import Handovers
 from .ice import IceConfig
-from .ice_restart import IceRestartRefused, ReOffer, answer_for_restart, sdp_ice_credentials
-from .opus_sdp import with_opus_fec
+from .ice_restart import ReOffer
+from .media_watch import MediaWatch
+from .peer_close import close_peer
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +61,6 @@ class PeerStats:
     @property
     def mean_input_rms(self) -> float:
         return self.call.mean_input_rms
-
-
-class ResumeRefused(Exception):
-    """A resume that cannot be taken: `status` for the HTTP answer, `message` for the caller."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class RelayUnavailable(RuntimeError):
@@ -89,10 +82,9 @@ class CallObserver(Protocol):
 MODEL_FRAME_S = 0.08
 OPUS_ONLY = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType.lower() == "audio/opus"]
 LOSS_REPORT_EVERY_S = 1.0
-MIN_PACKETS_PER_S = 1.0  # what keeps a call: speech is 50 packets a second, Opus DTX in silence 2.5
 
 
-class CallSession:
+class CallSession(MediaWatch, CallMoves):
     """A caller's peer connection and engine slot, from offer to hang-up."""
 
     def __init__(
@@ -292,20 +284,6 @@ class CallSession:
             else:
                 await self.hang_up("the caller closed the connection", kind="connection_closed")
 
-    def _lost(self, reason: str, kind: str) -> None:
-        """The caller's connection failed (`reason`): a call that was up waits for its caller to come back
-        (a resume) within the resume window; any other ends."""
-        if self._may_wait_for_caller():
-            self._go_away(reason)
-        else:
-            self.fail(reason, kind)
-
-    def _may_wait_for_caller(self) -> bool:
-        """Only a caller who was there goes away: connected, and its audio came (a stranger holding a slot
-        with a connection that never carried a packet gets no window)."""
-        return (self.handovers.resumable and self.stats.connected_at is not None
-                and self.receiver.last_packet_at is not None and not self._ending)
-
     def _recorded_failure(self) -> tuple[str, str] | None:
         """Why a transport failed, and the metrics kind, if one did: ICE first (DTLS cannot start without it)."""
         failures = self._failures
@@ -315,187 +293,12 @@ class CallSession:
             return failures.dtls, "dtls_failed"
         return None
 
-    def _never_connected_cause(self, seconds: float | None = None, since: str = "") -> tuple[str, str]:
-        """Why the connection never came up in `seconds` (the media timeout unless said), in the caller's
-        terms: aioice waits on an offer without candidates for ever, and gives unanswered checks a minute."""
-        waited = f"{self.media_timeout if seconds is None else seconds:g} s" + (f" {since}" if since else "")
-        candidates = sum(len(t.receiver.transport.transport.getRemoteCandidates()) for t in self.pc.getTransceivers())
-        if candidates == 0:
-            return (f"the caller sent no ICE candidates in {waited} (none in its offer, none trickled): a "
-                    "client must wait for ICE gathering before it offers, or trickle them (WHIP PATCH)"), "ice_failed"
-        ice = self.pc.iceConnectionState
-        if ice in ("new", "checking"):
-            return (f"ICE did not connect in {waited}: no check succeeded between the server and the caller's "
-                    f"{candidates} candidates (UDP blocked on the way? a TURN server helps: --turn-url)"), "ice_failed"
-        return f"the connection did not come up in {waited} (ICE {ice}, DTLS unfinished)", "connection_failed"
-
     def _media_path(self) -> str:
         """`relay` when the nominated ICE pair goes through TURN on either side, else `direct`."""
         kinds = aiortc_compat.nominated_candidate_types(self.pc)
         if kinds is None:
             return "unknown"
         return "relay" if "relay" in kinds else "direct"
-
-    # -- media --------------------------------------------------------------------------------
-
-    async def _watch_audio(self, pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
-        """End the call when the caller's track ends, or when the media timeout passes without a live stream
-        of packets: at least `MIN_PACKETS_PER_S` on average (a packet now and then, sent to hold a line, is
-        not a caller; one listening in silence is, its Opus DTX sends 2.5 a second). The track itself carries
-        nothing: its packets go to the receive path. A call that was up and whose caller's media stopped
-        waits for the caller within the resume window instead (server.media.handover)."""
-        reason, kind = "caller's audio ended", "caller_gone"
-        loop = asyncio.get_running_loop()
-        watching_since = loop.time()
-        needed = min(ARRIVALS_KEPT, max(1, round(MIN_PACKETS_PER_S * self.media_timeout)))
-        try:
-            while not self._ending:  # checked every turn: a cancel racing a result can be lost in wait_for
-                now = loop.time()
-                if self.handovers.away:
-                    watching_since = now  # back from away: a stream from now on
-                    deadline = now + self.media_timeout
-                else:
-                    deadline = self._media_deadline(watching_since, needed)
-                if now >= deadline:
-                    cause, cause_kind = self._no_live_stream(now, needed)
-                    if cause_kind == "no_media" and self._may_wait_for_caller():
-                        self._go_away(cause)
-                        continue
-                    self.fail(cause, cause_kind)
-                    return
-                try:
-                    await asyncio.wait_for(track.recv(), deadline - now)
-                except TimeoutError:
-                    continue
-                log.error("session %s: aiortc decoded a frame itself: the receive tap is bypassed", self.session_id)
-        except MediaStreamError:
-            pass
-        except asyncio.CancelledError:
-            return
-        if self._ending or pc is not self.pc:
-            return
-        failure = self._recorded_failure()  # the track ends when its transport does: say why, or wait
-        if failure is not None:
-            self._lost(*failure)
-        else:
-            self._spawn(self.hang_up(reason, kind=kind))
-
-    def _media_deadline(self, watching_since: float, needed: int) -> float:
-        """When the call ends unless more packets come. While the latest `needed` packets came at a live rate,
-        a stream that stops has the whole media timeout from its last packet (then it is `no_media`); a
-        sparse one has it from the first of those `needed` (or from the start while fewer came)."""
-        last = self.receiver.last_packet_at
-        first = self.receiver.nth_latest_arrival(needed)
-        if last is not None and first is not None and last - first <= (needed - 1) / MIN_PACKETS_PER_S:
-            return max(watching_since, last) + self.media_timeout
-        return max(watching_since, first or watching_since) + self.media_timeout
-
-    def _no_live_stream(self, now: float, needed: int) -> tuple[str, str]:
-        """Why the caller's media no longer keeps the call, and the metrics kind."""
-        if self.stats.connected_at is None:
-            return self._never_connected_cause()
-        last = self.receiver.last_packet_at
-        if last is None or now - last >= self.media_timeout:
-            return f"no audio from the caller for {self.media_timeout:g} s", "no_media"
-        sent = self.receiver.packets_since(now - self.media_timeout)
-        return (f"the caller sent {sent} packet(s) in the last {self.media_timeout:g} s, fewer than a live audio "
-                f"stream ({needed}; Opus DTX in silence sends {round(2.5 * self.media_timeout)})"), "sparse_media"
-
-    # -- a caller who goes away, moves, comes back ------------------------------------------------
-
-    def _on_packet(self, ssrc: int, sequence_number: int, timestamp: int, payload: bytes) -> None:
-        """Every RTP packet of the caller's, from whichever connection is the call's now."""
-        if self.handovers.away:
-            move = self.handovers.came_back(self.receiver.loop.time(), self._return_kind)
-            if move is not None:
-                log.info("session %s: the caller is back (%s) after %.2f s", self.session_id, move.kind, move.gap_s)
-        self.receiver.on_packet(ssrc, sequence_number, timestamp, payload)
-
-    def _go_away(self, why: str) -> None:
-        if self.handovers.away:
-            return
-        self._return_kind = "returned"
-        self.handovers.go_away(why, self.receiver.last_packet_at)
-        log.warning("session %s (client %s): the caller is away (%s); its slot is kept for %g s for it to come "
-                    "back", self.session_id, self.client or "unknown", why, self.handovers.window_s)
-
-    def _resume_expired(self, reason: str) -> None:
-        self.fail(reason, kind="resume_expired")
-
-    def _on_move(self, move: Move) -> None:
-        if self.observer is not None:
-            self.observer.call_moved(move.kind, move.gap_s)
-
-    def _on_path_switch(self, switch: ice_compat.PathSwitch) -> None:
-        """The ICE agent sends on a new path: recorded now, or when the away caller's packets flow again."""
-        if switch.how != "restart":
-            self.path = self._media_path()
-        if self.handovers.away:
-            self._return_kind = switch.how
-        else:
-            self.handovers.note(Move(switch.how, switch.quiet_s))
-
-    async def resume(self, offer: RTCSessionDescription, token: object) -> RTCSessionDescription:
-        """The caller comes back on a new peer connection, proving with `token` that the call is its own:
-        the same slot and model context, the old connection closed. Raises ResumeRefused."""
-        if self._ending:
-            raise ResumeRefused(410, f"the call has ended: {self.end_reason}")
-        if not self.handovers.resumable:
-            raise ResumeRefused(409, "this server does not resume calls (--resume-window 0)")
-        if not self.handovers.owns(token):
-            log.warning("session %s: a resume with a wrong token (client %s)", self.session_id, self.client)
-            raise ResumeRefused(403, "the resume token does not match this call's")
-        old = self.pc
-        self._go_away("the caller resumed on a new connection")
-        self._return_kind = "resume"
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
-        self.events = None
-        self._restart = self._local_ice = None
-        self.pc = self._new_peer()
-        self._spawn(_close_peer(old))
-        self.outbound.restart_clock()  # a new sender reads from now on
-        answer = await self._apply_offer(offer)
-        log.info("session %s: resumed on a new connection", self.session_id)
-        return answer
-
-    async def restart_ice(self, offer_sdp: str, token: object | None = None, fragment: bool = False) -> str:
-        """An ICE restart (RFC 8445 section 9) within this connection: returns the answer to `offer_sdp`, a
-        re-offer with new ICE credentials and the same DTLS fingerprint (or, `fragment`, WHIP's
-        trickle-ice-sdpfrag with new credentials). `token`: the call's resume token (the JSON API asks for
-        it; WHIP's session URL is its own secret). Raises IceRestartRefused."""
-        if self._ending:
-            raise IceRestartRefused(410, f"the call has ended: {self.end_reason}")
-        if token is not None and not self.handovers.owns(token):
-            raise IceRestartRefused(403, "the resume token does not match this call's")
-        if self.follower is None or self.pc.localDescription is None:
-            raise IceRestartRefused(409, "the call has no ICE agent to restart yet")
-        reoffer = ReOffer.parse(offer_sdp, self.remote_sdp, self._restart, fragment=fragment)
-        local = ice_compat.restart_ice(self.follower, reoffer.credentials, reoffer.candidates)
-        self._restart = reoffer
-        self._local_ice = local
-        self.ice_restart_requests += 1
-        if self.handovers.away:
-            self._return_kind = "restart"
-        log.info("session %s: ICE restart (caller ufrag %s)", self.session_id, reoffer.credentials.ufrag)
-        return self.local_sdp
-
-    @property
-    def local_sdp(self) -> str:
-        """The server's answer as it stands (with its ICE credentials of the latest restart, if any)."""
-        description = self.pc.localDescription
-        if description is None:
-            return ""
-        sdp = sctp_compat.with_max_message_size(with_opus_fec(description.sdp))
-        return answer_for_restart(sdp, self._local_ice) if self._local_ice is not None else sdp
-
-    @property
-    def remote_ice_credentials(self) -> tuple[str | None, str | None]:
-        """The caller's ICE ufrag and pwd now (an ICE restart changes them)."""
-        if self._restart is not None:
-            return self._restart.credentials.ufrag, self._restart.credentials.pwd
-        return sdp_ice_credentials(self.remote_sdp)
 
     async def _follow_reported_loss(self) -> None:
         """Set our encoder's expected loss from the caller's RTCP receiver reports, once a second."""
@@ -644,7 +447,7 @@ class CallSession:
             await self.call.close()
         finally:  # whatever failed above, the peer's sockets close and nobody waits forever
             self.outbound.stop()
-            await _close_peer(self.pc)
+            await close_peer(self.pc)
             self.ended.set()
             if self._counted and self.observer is not None:
                 self.observer.call_ended(kind, self.outbound.samples_dropped / self.outbound.sample_rate,
@@ -711,25 +514,3 @@ class CallSession:
                 if self.stats.first_model_audio_at and self.stats.answered_at else None
             ),
         }
-
-
-async def _close_peer(pc: RTCPeerConnection) -> None:
-    """Close a peer connection, even one a malformed offer left half made (aiortc's close() can raise
-    then): whatever close() did not reach is stopped one transport at a time, so no socket is left open."""
-    try:
-        await pc.close()
-        return
-    except Exception as exc:  # noqa: BLE001 - found by fuzzing: an offer missing an a=mid line
-        log.warning("peer connection close failed (%s: %s); stopping its transports one by one",
-                    type(exc).__name__, exc)
-    transports = [t.receiver.transport for t in pc.getTransceivers()]
-    if pc.sctp is not None:
-        transports.append(pc.sctp.transport)
-    for dtls in transports:
-        for transport in (dtls, getattr(dtls, "transport", None)):
-            if transport is None:
-                continue
-            try:
-                await transport.stop()
-            except Exception:  # noqa: BLE001, S112 - best effort on a broken peer
-                continue
