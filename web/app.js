@@ -13,6 +13,7 @@ const ui = {
 
 let call = null;
 let meters = [];
+let meterOut = null; // the meter of the call's reply: a resume brings a new stream
 let statsTimer = null;
 let audioContext = null;
 
@@ -111,6 +112,7 @@ function endCall(text, isError = false) {
   statsTimer = null;
   meters.forEach((m) => m.stop());
   meters = [];
+  meterOut = null;
   const ending = call;
   call = null; // first, so the "ended" event this raises is ignored
   if (ending) ending.hangUp(text);
@@ -138,10 +140,15 @@ async function startCall() {
   on("mic", (stream) => meters.push(new LevelMeter(audioContext, stream, ui.meterIn)));
   on("remote", (stream) => {
     ui.audio.srcObject = stream;
-    meters.push(new LevelMeter(audioContext, stream, ui.meterOut));
+    if (meterOut) meterOut.stop();
+    meters = meters.filter((m) => m !== meterOut);
+    meterOut = new LevelMeter(audioContext, stream, ui.meterOut);
+    meters.push(meterOut);
   });
   on("event", onEvent);
   on("state", (state) => { ui.state.textContent = state; });
+  on("reconnecting", (seconds) => say(`Reconnecting… ${seconds} s`));
+  on("reconnected", () => say("Connected again. Talk to Moshi."));
   on("ended", (reason) => endCall(`Call ended: ${reason}.`));
   try {
     say("Calling…");

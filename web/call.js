@@ -1,5 +1,6 @@
 // One call to the server: microphone, RTCPeerConnection, the "events" data channel, stats.
 import { apiFetch } from "./api.js";
+import { ReconnectError, Reconnector } from "./reconnect.js";
 // The server does not trickle ICE: we send a complete offer and get a complete answer.
 
 // Echo cancellation stays on: the model must not hear itself. Automatic gain control and noise
@@ -39,8 +40,12 @@ async function iceConfig() {
   return { iceServers: [], iceTransportPolicy: "all" };
 }
 
+// Resolves once ICE gathering is complete for the current local description (at most `timeoutMs`). After an
+// ICE restart the state may still read "complete" from the previous round: only a description that has
+// candidates counts as gathered.
 function gatheringComplete(pc, timeoutMs = 3000) {
-  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  const gathered = () => pc.iceGatheringState === "complete" && /^a=candidate:/m.test(pc.localDescription.sdp);
+  if (gathered()) return Promise.resolve();
   return new Promise((resolve) => {
     const done = () => { pc.removeEventListener("icegatheringstatechange", check); resolve(); };
     const check = () => { if (pc.iceGatheringState === "complete") done(); };
@@ -49,20 +54,42 @@ function gatheringComplete(pc, timeoutMs = 3000) {
   });
 }
 
+async function postJson(url, body) {
+  let response;
+  try {
+    response = await apiFetch(url, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+  } catch (error) {
+    throw new ReconnectError(null, { error: `the server cannot be reached (${error.message || error})` });
+  }
+  return { response, body: await response.json().catch(() => ({})) };
+}
+
 export class Call extends EventTarget {
   constructor({ iceTransportPolicy = null, persona = null } = {}) {
     super();
     this.persona = persona; // {prompt, voice} for a model that takes one, else null
     this.iceTransportPolicy = iceTransportPolicy; // null: what the server asks for
-    this.pc = null;
+    this.ice = null; // the server's /ice-servers answer
+    this.pc = null; // the call's peer connection now (a resume replaces it)
     this.mic = null;
     this.sessionId = null;
     this.sessionUrl = null; // where the call's own requests go: this origin, or its replica's public URL
+    this.resumeToken = null; // proves to the server that the call is ours, for an ICE restart or a resume
+    this.resumeWindowS = 0; // how long the server keeps the call for us after the connection drops
     this.remoteStream = null;
     this.ended = false;
+    this.reconnector = new Reconnector(this);
   }
 
   emit(type, detail) { this.dispatchEvent(new CustomEvent(type, { detail })); }
+
+  get reconnectLog() { return this.reconnector.log; }
+
+  // Reconnect now, as the page does by itself when the connection drops (for tests and debugging).
+  restartIce() { return this.reconnector.restartIce(); }
+  resume() { return this.reconnector.resume(); }
 
   async start() {
     try {
@@ -71,39 +98,9 @@ export class Call extends EventTarget {
       throw new CallError(describeMicError(error));
     }
     this.emit("mic", this.mic);
-    const ice = await iceConfig();
-    this.pc = new RTCPeerConnection({
-      iceServers: ice.iceServers || [],
-      iceTransportPolicy: this.iceTransportPolicy || ice.iceTransportPolicy || "all",
-    });
-    for (const track of this.mic.getAudioTracks()) this.pc.addTrack(track, this.mic);
-    const events = this.pc.createDataChannel("events");
-    events.onmessage = (message) => this.emit("event", JSON.parse(message.data));
-    this.pc.ontrack = (event) => {
-      this.remoteStream = event.streams[0] || new MediaStream([event.track]);
-      this.emit("remote", this.remoteStream);
-    };
-    this.pc.onconnectionstatechange = () => {
-      const state = this.pc.connectionState;
-      this.emit("state", state);
-      if (state === "failed") this.hangUp("the connection failed");
-    };
-    await this.pc.setLocalDescription(await this.pc.createOffer());
-    await gatheringComplete(this.pc);
-    if (this.pc.getConfiguration().iceTransportPolicy === "relay" && !this.pc.localDescription.sdp.includes(" typ relay")) {
-      this.close();
-      throw new CallError("No TURN relay could be reached: the relay server is down or refused our credentials.");
-    }
-    const response = await apiFetch("/offer", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({
-        sdp: this.pc.localDescription.sdp,
-        type: "offer",
-        ...(this.persona ? { persona: this.persona } : {}),
-      }),
-    });
-    const body = await response.json().catch(() => ({}));
+    this.ice = await iceConfig();
+    this.pc = this.newPeer();
+    const { response, body } = await this.offer(this.pc, "/offer", this.persona ? { persona: this.persona } : {});
     if (!response.ok) {
       this.close();
       if (response.status === 503 && body.error && body.error.includes("busy")) {
@@ -114,7 +111,97 @@ export class Call extends EventTarget {
     }
     this.sessionId = body.session_id;
     this.sessionUrl = body.session_url || `/sessions/${body.session_id}`;
+    this.resumeToken = body.resume_token || null;
+    this.resumeWindowS = body.resume_window_s || 0;
     await this.pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
+  }
+
+  // A peer connection with the microphone and an "events" channel, its events told only while it is the call's.
+  newPeer() {
+    const pc = new RTCPeerConnection({
+      iceServers: this.ice.iceServers || [],
+      iceTransportPolicy: this.iceTransportPolicy || this.ice.iceTransportPolicy || "all",
+    });
+    for (const track of this.mic.getAudioTracks()) pc.addTrack(track, this.mic);
+    const events = pc.createDataChannel("events");
+    events.onmessage = (message) => { if (pc === this.pc) this.emit("event", JSON.parse(message.data)); };
+    pc.ontrack = (event) => {
+      if (pc !== this.pc) return;
+      this.remoteStream = event.streams[0] || new MediaStream([event.track]);
+      this.emit("remote", this.remoteStream);
+    };
+    const onState = () => {
+      if (pc !== this.pc || this.ended) return;
+      this.emit("state", pc.connectionState);
+      this.reconnector.onState(pc);
+    };
+    pc.onconnectionstatechange = onState;
+    pc.oniceconnectionstatechange = onState;
+    return pc;
+  }
+
+  // Offer from `pc` (the server takes no trickled candidates: a complete offer) to `path`.
+  async offer(pc, path, extra) {
+    await pc.setLocalDescription(await pc.createOffer());
+    await gatheringComplete(pc);
+    if (pc.getConfiguration().iceTransportPolicy === "relay" && !pc.localDescription.sdp.includes(" typ relay")) {
+      pc.close();
+      throw new CallError("No TURN relay could be reached: the relay server is down or refused our credentials.");
+    }
+    return postJson(path, { sdp: pc.localDescription.sdp, type: "offer", ...extra });
+  }
+
+  // An ICE restart of the call's connection (new ICE credentials, same DTLS session). Throws ReconnectError.
+  async sendIceRestart() {
+    const pc = this.pc;
+    pc.restartIce();
+    const { response, body } = await this.offer(pc, `${this.sessionUrl}/offer`, { token: this.resumeToken });
+    if (!response.ok) {
+      await pc.setLocalDescription({ type: "rollback" }).catch(() => {});
+      throw new ReconnectError(response.status, body);
+    }
+    if (pc === this.pc && !this.ended) await pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
+  }
+
+  // The call on a new peer connection with the same microphone. The old one is closed only once the server
+  // has taken the new one: its DTLS close would otherwise end the call there. Throws ReconnectError.
+  async sendResume() {
+    const pc = this.newPeer();
+    const resumeUrl = new URL("/offer", new URL(this.sessionUrl, location.href)); // the call's replica
+    let answer;
+    try {
+      answer = await this.offer(pc, resumeUrl.href, { resume: { session_id: this.sessionId, token: this.resumeToken } });
+    } catch (error) {
+      pc.close();
+      throw error;
+    }
+    const { response, body } = answer;
+    if (!response.ok || this.ended) {
+      pc.close();
+      throw new ReconnectError(response.status, body);
+    }
+    const old = this.pc;
+    this.pc = pc;
+    this.resumeToken = body.resume_token || this.resumeToken;
+    old.close();
+    await pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
+  }
+
+  // The server ended the call (or the resume window passed): say so with the server's own reason.
+  async endAsServerSays() {
+    let summary = {};
+    try {
+      const response = await apiFetch(this.sessionUrl, { cache: "no-store" });
+      summary = await response.json();
+    } catch (_) { /* the server cannot be reached: say what we know */ }
+    if (summary.end_reason) {
+      this.finish(`the server ended it while we reconnected: ${summary.end_reason}`);
+    } else if (summary.session_id && !summary.ended) {
+      await this.hangUp(`the connection could not be restored within the ${this.resumeWindowS} s the server waits`);
+    } else {
+      this.finish(summary.error ? `the call ended on the server (${summary.error})`
+        : "the connection could not be restored, and the server cannot be reached");
+    }
   }
 
   async stats() {
@@ -142,7 +229,7 @@ export class Call extends EventTarget {
 
   async hangUp(reason = "you hung up") {
     if (this.ended) return;
-    this.ended = true;
+    this.reconnector.stop();
     if (this.sessionId) {
       // Say goodbye before closing: a closed peer connection sends RTCP BYE at once, and the server
       // would count the call as a vanished caller. keepalive lets the request outlive a closing page;
@@ -150,6 +237,13 @@ export class Call extends EventTarget {
       const goodbye = apiFetch(this.sessionUrl, { method: "DELETE", keepalive: true }).catch(() => {});
       await Promise.race([goodbye, new Promise((resolve) => setTimeout(resolve, 1000))]);
     }
+    this.finish(reason);
+  }
+
+  finish(reason) {
+    if (this.ended) return;
+    this.ended = true;
+    this.reconnector.stop();
     this.close();
     this.emit("ended", reason);
   }

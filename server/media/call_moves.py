@@ -53,6 +53,7 @@ class CallMoves:
         if self.handovers.away:
             move = self.handovers.came_back(self.receiver.loop.time(), self._return_kind)
             if move is not None:
+                self._restart_pending &= move.kind != "restart"  # this restart is recorded: not again at its switch
                 log.info("session %s: the caller is back (%s) after %.2f s", self.session_id, move.kind, move.gap_s)
         self.receiver.on_packet(ssrc, sequence_number, timestamp, payload)
 
@@ -72,9 +73,17 @@ class CallMoves:
             self.observer.call_moved(move.kind, move.gap_s)
 
     def _on_path_switch(self: CallSession, switch: ice_compat.PathSwitch) -> None:
-        """The ICE agent sends on a new path: recorded now, or when the away caller's packets flow again."""
+        """The ICE agent sends on a new path: recorded now, or when the away caller's packets flow again. A
+        renomination while the old path still carried packets is the caller choosing a better pair (Chromium
+        does, just after connecting), not a move; a restart is recorded once, by whichever comes first."""
         if switch.how != "restart":
             self.path = self._media_path()
+        if switch.how == "renominated" and switch.quiet_s < ice_compat.QUIET_BEFORE_PROBE_S:
+            return
+        if switch.how == "restart":
+            if not self._restart_pending:
+                return
+            self._restart_pending = False
         if self.handovers.away:
             self._return_kind = switch.how
         else:
@@ -121,6 +130,7 @@ class CallMoves:
         local = ice_compat.restart_ice(self.follower, reoffer.credentials, reoffer.candidates)
         self._restart = reoffer
         self._local_ice = local
+        self._restart_pending = True
         self.ice_restart_requests += 1
         if self.handovers.away:
             self._return_kind = "restart"
