@@ -158,8 +158,11 @@ async def test_a_call_ends_at_its_maximum_length_with_a_bye_that_says_so(echo_se
 
 
 async def test_a_caller_who_vanishes_is_noticed_within_the_media_timeout(tmp_path, caplog):
-    """The caller's process is killed mid-call: no DTLS close, no DELETE, its packets just stop."""
-    server = await start_server(create_engine(ModelSource("echo"), max_calls=1), SignalingConfig(media_timeout_s=1.5))
+    """The caller's process is killed mid-call: no DTLS close, no DELETE, its packets just stop. The server
+    notices at the media timeout that it went away, and ends the call when the resume window (counted from
+    its last packet, here shorter than the timeout) has passed without it."""
+    server = await start_server(create_engine(ModelSource("echo"), max_calls=1),
+                                SignalingConfig(media_timeout_s=1.5, resume_window_s=1.0))
     write_wav(tmp_path / "long.wav", tone(300, 30.0), 48000)
     caller = subprocess.Popen(
         [str(BIN), "call", str(tmp_path / "long.wav"), "--out", str(tmp_path / "out.wav"), "--url", server.url,
@@ -177,18 +180,20 @@ async def test_a_caller_who_vanishes_is_noticed_within_the_media_timeout(tmp_pat
     finally:
         caller.kill()
         caller.wait()
-    assert session.end_reason == "no audio from the caller for 1.5 s" and session.end_kind == "no_media"
+    reason = ("the caller went away (no audio from the caller for 1.5 s) and did not come back within the 1 s "
+              "resume window")
+    assert session.end_reason == reason and session.end_kind == "resume_expired"
     assert noticed > 1.4  # the media timeout ended it (its reason above), not aiortc's ~30 s consent expiry
     assert server.engine.free_slots == 1 and not server.service.sessions
     # Said at WARNING with the session's id, counted by kind, and still readable after the end.
     assert any(r.levelname == "WARNING" and session.session_id in r.getMessage() and session.end_reason
                in r.getMessage() for r in caplog.records)
     found = samples(server.service.metrics.render().decode())
-    assert found[("moshi_calls_ended_total", (("reason", "no_media"),))] == 1
+    assert found[("moshi_calls_ended_total", (("reason", "resume_expired"),))] == 1
     async with aiohttp.ClientSession() as http, http.get(f"{server.url}/sessions/{session.session_id}") as response:
         summary = await response.json()
-    assert response.status == 200 and summary["ended"] is True and summary["end_kind"] == "no_media"
-    assert summary["end_reason"] == "no audio from the caller for 1.5 s" and summary["frames_in"] >= 10
+    assert response.status == 200 and summary["ended"] is True and summary["end_kind"] == "resume_expired"
+    assert summary["end_reason"] == reason and summary["frames_in"] >= 10
     await stop_server(server)
 
 
