@@ -5,7 +5,8 @@
 
 Real aiortc callers on loopback against an in-process server. Calls end four
 ways, in turn: DELETE (a hang-up), the caller closing its peer without a word,
-the caller going quiet (its audio stops; the media timeout ends the call), and
+the caller going quiet (its audio stops; the media timeout finds it away, and the call ends when the
+resume window, 1 s here, has passed without it: `resume_expired`), and
 the caller closing its peer before ICE even connects (the media timeout ends it
 as `ice_failed`: nothing ever connected). Before and after (a warm-up
 of 20 calls first, so that one-time allocations do not count as growth) it
@@ -125,7 +126,7 @@ async def soak(url: str, calls: int, concurrency: int) -> dict:
 
 
 async def settle(service, timeout_s: float = 15.0) -> None:
-    """Wait until every session has ended (the quiet ones end by the media timeout)."""
+    """Wait until every session has ended (the quiet ones end when their resume window passes)."""
     deadline = time.monotonic() + timeout_s
     while service.sessions and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
@@ -143,8 +144,8 @@ async def run(model: str, calls: int, concurrency: int, warmup: int) -> dict:
     use_host_addresses(["127.0.0.1"])
     engine = create_engine(ModelSource(model), max_calls=concurrency, cpu_threads=1)
     await engine.start()
-    service = SignalingService(engine, SignalingConfig(media_timeout_s=1.0, max_offers_per_minute=0,
-                                                     max_calls_per_client=0))
+    service = SignalingService(engine, SignalingConfig(media_timeout_s=1.0, resume_window_s=1.0,
+                                                     max_offers_per_minute=0, max_calls_per_client=0))
     runner = web.AppRunner(service.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -20,7 +20,8 @@ import soak  # noqa: E402
 
 
 async def test_calls_ended_every_way_leave_nothing_behind():
-    config = SignalingConfig(media_timeout_s=1.0, max_offers_per_minute=0, max_calls_per_client=0)
+    config = SignalingConfig(media_timeout_s=1.0, resume_window_s=1.0, max_offers_per_minute=0,
+                             max_calls_per_client=0)
     server = await start_server(create_engine(ModelSource("echo"), max_calls=4), config)
     await soak.soak(server.url, 8, 4)  # warm-up: first-use allocations are not leaks
     await soak.settle(server.service)
@@ -33,7 +34,7 @@ async def test_calls_ended_every_way_leave_nothing_behind():
     assert {k: v for k, v in outcomes.items() if k != "busy, retried"} == {e: 6 for e in soak.ENDINGS}
     ended = soak.ended_by_reason(server.service)
     assert ended["hung_up"] >= 6 and ended["caller_gone"] >= 6
-    assert ended["no_media"] >= 6  # the quiet callers: connected, then no audio
+    assert ended["resume_expired"] >= 6  # the quiet callers: connected, then no audio, and never back
     assert ended["ice_failed"] >= 6  # the callers gone before ICE connected: the timeout says it was ICE
     assert after["sessions"] == 0 and after["free_slots"] == 4
     for key in ("peer_connections", "fds", "threads", "tasks"):  # earlier tests may hold some of their own

@@ -108,8 +108,14 @@ class PathFollower:
         connection.check_complete = check_complete
 
     def close(self) -> None:
+        """Stop following: the agent's own methods back, and no reference from it to the call (aioice's log
+        records name the agent, and a log handler that keeps records would keep the whole call alive)."""
         for task in self._tasks:
             task.cancel()
+        self.connection.__dict__.pop("check_complete", None)
+        for protocol in self.connection._protocols:
+            protocol.__dict__.pop("datagram_received", None)
+        self.on_switch = _ignore_switch
 
     # -- where the caller is heard --------------------------------------------------------------
 
@@ -211,6 +217,10 @@ class PathFollower:
             return  # the first nomination: the call connecting, not a switch
         log.info("ICE path %s: %s -> %s (the old path quiet %.2f s)", how, old, after.remote_addr, quiet_s)
         self.on_switch(PathSwitch(how=how, old=old, new=after.remote_addr, quiet_s=quiet_s))
+
+
+def _ignore_switch(switch: PathSwitch) -> None:
+    pass
 
 
 def follow_caller(pc: RTCPeerConnection, on_switch: Callable[[PathSwitch], None]) -> PathFollower | None:
