@@ -14,7 +14,9 @@ that much, never lost, so round-trip times measured over RTCP see the path as
 they would on a real network.
 
 A network change is `rebind()`: the server-facing socket is replaced by one on a new port (a NAT that
-rebinds, a phone whose Wi-Fi gave way to cellular), the old one closed, so the old path is dead. An outage
+rebinds), the old one closed, so the old path is dead. `move_caller_side()` does the same on the caller's
+side (a phone whose Wi-Fi gave way to cellular): the caller reaches the server only through a port that a
+later answer (`answer()`, as after an ICE restart or a resume) names. An outage
 is `cut()` ... `restore()`: every datagram either way is dropped meanwhile (STUN and DTLS too).
 """
 
@@ -94,6 +96,17 @@ class UdpRelay:
             old.transport.close()
         self.rebinds += 1
         return self.server_side_port
+
+    async def move_caller_side(self) -> int:
+        """Move the caller-facing side to a new port, closing the old one; returns the new port."""
+        old = self._caller_side
+        _, self._caller_side = await self._loop.create_datagram_endpoint(
+            lambda: _Side(self._from_caller), local_addr=("127.0.0.1", 0))
+        if old is not None and old.transport is not None:
+            old.transport.close()
+        self.caller_address = None  # the server reaches the caller again once it sends from the new path
+        self.rebinds += 1
+        return self.caller_port
 
     @property
     def server_side_port(self) -> int:
