@@ -817,18 +817,31 @@ def start_server(checkout: Path, row: str, help_text: str) -> tuple[Server, dict
 def measure(checkout: Path, label: str, row: str, plan: Plan, help_text: str) -> dict:
     """One row against one checkout, on its own fresh server and event loop; errors are recorded."""
     result: dict = {"row": row, "checkout": label, "path": str(checkout)}
+
+    def start() -> Server:
+        server, notes = start_server(checkout, row, help_text)
+        result.update(notes)
+        return server
+
+    return run_on_server(result, start, lambda server: ROWS[row].run(server, plan), ROW_LIMIT_S)
+
+
+def run_on_server(result: dict, start: Callable[[], Server], play: Callable[[Server], Awaitable[dict]],
+                  limit_s: float) -> dict:
+    """Start a server, run `play(server)` on a fresh event loop from LEGIT's address within `limit_s`, and
+    record in `result` its figures (or why it failed: the bench goes on, not on Ctrl-C), the problems in the
+    server's log and the seconds it all took; the server is stopped after."""
     began = time.monotonic()
     server: Server | None = None
     try:
-        server, notes = start_server(checkout, row, help_text)
-        result.update(notes)
+        server = start()
 
         async def run() -> dict:
             use_host_addresses([LEGIT])
-            return await asyncio.wait_for(ROWS[row].run(server, plan), ROW_LIMIT_S)
+            return await asyncio.wait_for(play(server), limit_s)
 
         result["figures"] = asyncio.run(run())
-    except BaseException as exc:  # a row that fails records why; the run goes on (not on Ctrl-C)
+    except BaseException as exc:
         result["figures"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         if isinstance(exc, KeyboardInterrupt):
             raise
@@ -858,6 +871,35 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def chosen(parser: argparse.ArgumentParser, text: str | None, known, what: str) -> list[str]:
+    """The comma-separated names in `text` (all of `known` without it); an unknown one is a usage error."""
+    names = text.split(",") if text else list(known)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"unknown {what}: {', '.join(unknown)}")
+    return names
+
+
+def side_by_side(checkouts: list[Path], items: list, measure: Callable[[Path, str, object, str], dict],
+                 out: Path | None) -> tuple[list[dict], dict[Path, str]]:
+    """`measure(checkout, label, item, serve_help)` for each item on every checkout in turn (alternating: a
+    noisy machine hits both alike); each result printed, and appended to `out`, as a JSON line. Returns the
+    results and each checkout's label."""
+    labels = {c: describe_checkout(c) for c in checkouts}
+    helps = {c: serve_help(c) for c in checkouts}
+    results = []
+    for item in items:
+        for checkout in checkouts:
+            result = measure(checkout, labels[checkout], item, helps[checkout])
+            results.append(result)
+            line = json.dumps(result)
+            print(line, flush=True)
+            if out:
+                with out.open("a") as file:
+                    file.write(line + "\n")
+    return results, labels
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkout", type=Path, action="append", help="a server checkout (repeatable)")
@@ -866,25 +908,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="append each measurement here as a JSON line")
     args = parser.parse_args()
     checkouts = [c.resolve() for c in args.checkout or [ROOT]]
-    rows = args.rows.split(",") if args.rows else list(ROWS)
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        parser.error(f"unknown rows: {', '.join(unknown)}")
+    rows = chosen(parser, args.rows, ROWS, "rows")
     raise_fd_limit()  # 1000 half-open connections and 800 UDP sockets
     plan = Plan(seconds=15.0 if args.quick else 30.0, quick=args.quick)
-    labels = {c: describe_checkout(c) for c in checkouts}
-    helps = {c: serve_help(c) for c in checkouts}
-    results = []
     began = time.monotonic()
-    for row in rows:
-        for checkout in checkouts:  # alternating: a noisy machine hits both alike
-            result = measure(checkout, labels[checkout], row, plan, helps[checkout])
-            results.append(result)
-            line = json.dumps(result)
-            print(line, flush=True)
-            if args.out:
-                with args.out.open("a") as out:
-                    out.write(line + "\n")
+    results, _ = side_by_side(checkouts, rows, lambda checkout, label, row, help_text: measure(
+        checkout, label, row, plan, help_text), args.out)
     print(f"\n{markdown(results)}\n\n{len(results)} measurements in {time.monotonic() - began:.0f} s"
           f"{' (--quick)' if args.quick else ''}", flush=True)
 

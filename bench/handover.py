@@ -52,11 +52,12 @@ import numpy as np  # noqa: E402
 from abuse import (  # noqa: E402
     LEGIT,
     Server,
+    chosen,
     close_all,
-    describe_checkout,
     get_session,
     http_from,
-    serve_help,
+    run_on_server,
+    side_by_side,
     supported,
     tone,
 )
@@ -65,7 +66,7 @@ from net_relay import UdpRelay  # noqa: E402
 
 from server.caller import record_track  # noqa: E402
 from server.media.audio_out import OutboundAudioTrack  # noqa: E402
-from server.media.ice import IceConfig, use_host_addresses  # noqa: E402
+from server.media.ice import IceConfig  # noqa: E402
 
 VOICED_RMS = 0.01  # -40 dBFS; the tone comes back at about 0.1 (-20 dBFS)
 LEAD_S = 3.0  # voiced audio this long before the event
@@ -238,17 +239,24 @@ COMMON_FLAGS = ("--max-calls-per-client", "0", "--max-offers-per-minute", "0", "
                 "--resume-window", "30", "--log-level", "INFO")
 
 
+async def call(http: aiohttp.ClientSession, server: Server, leg: Leg, offer: str, voiced: list[float]) -> dict:
+    """Place the leg's call and wait until its echo is heard: the answer, or {"error": ...} if refused."""
+    status, answer = await post(http, server.url, {"sdp": offer, "type": "offer"})
+    if status != 200:
+        return {"error": f"offer answered {status}: {answer}"}
+    await connect_leg(leg, answer)
+    await wait_voiced(voiced, LEAD_S)
+    return answer
+
+
 async def same_path(server: Server, name: str, scenario: Scenario) -> dict:
     """rebind and outage-N: one peer connection throughout."""
     voiced: list[float] = []
     leg, offer = await open_leg(voiced)
     try:
         async with http_from(LEGIT) as http:
-            status, answer = await post(http, server.url, {"sdp": offer, "type": "offer"})
-            if status != 200:
-                return {"error": f"offer answered {status}: {answer}"}
-            await connect_leg(leg, answer)
-            await wait_voiced(voiced, LEAD_S)
+            if "error" in (answer := await call(http, server, leg, offer, voiced)):
+                return answer
             event_at = time.monotonic()
             if scenario.cut_s is None:
                 await leg.relay.rebind()
@@ -287,11 +295,8 @@ async def resume(server: Server, name: str, scenario: Scenario) -> dict:
     statuses: collections.Counter[str] = collections.Counter()
     try:
         async with http_from(LEGIT) as http:
-            status, answer = await post(http, server.url, {"sdp": offer, "type": "offer"})
-            if status != 200:
-                return {"error": f"offer answered {status}: {answer}"}
-            await connect_leg(first, answer)
-            await wait_voiced(voiced, LEAD_S)
+            if "error" in (answer := await call(http, server, first, offer, voiced)):
+                return answer
             before = await get_session(http, server.url, first.session_id)
             event_at = time.monotonic()
             window_end = event_at + scenario.window_s
@@ -352,32 +357,18 @@ async def resume(server: Server, name: str, scenario: Scenario) -> dict:
 def measure(checkout: Path, label: str, name: str, run: int, help_text: str) -> dict:
     scenario = SCENARIOS[name]
     result: dict = {"scenario": name, "checkout": label, "path": str(checkout), "run": run}
-    began = time.monotonic()
     flags, dropped = supported(COMMON_FLAGS + scenario.flags, help_text)
     if dropped:
         result["flags_not_supported"] = dropped
-    server = Server(checkout, flags)
-    server.lines = collections.deque(maxlen=5000)
-    try:
+
+    def start() -> Server:
+        server = Server(checkout, flags)
+        server.lines = collections.deque(maxlen=5000)
         server.start()
+        return server
 
-        async def go() -> dict:
-            use_host_addresses([LEGIT])
-            play = resume if scenario.resume else same_path
-            return await asyncio.wait_for(play(server, name, scenario), RUN_LIMIT_S)
-
-        result["figures"] = asyncio.run(go())
-    except BaseException as exc:  # a run that fails records why; the bench goes on (not on Ctrl-C)
-        result["figures"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-    finally:
-        server.stop()
-        result["server_log_problems"] = len(server.problems)
-        if server.problems:
-            result["server_log_first_problem"] = server.problems[0]
-        result["seconds"] = round(time.monotonic() - began, 1)
-    return result
+    play = resume if scenario.resume else same_path
+    return run_on_server(result, start, lambda server: play(server, name, scenario), RUN_LIMIT_S)
 
 
 def median(values: list) -> float | None:
@@ -453,24 +444,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="append each run here as a JSON line")
     args = parser.parse_args()
     checkouts = [c.resolve() for c in args.checkout or [ROOT]]
-    names = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
-    unknown = [n for n in names if n not in SCENARIOS]
-    if unknown:
-        parser.error(f"unknown scenarios: {', '.join(unknown)}")
-    labels = {c: describe_checkout(c) for c in checkouts}
-    helps = {c: serve_help(c) for c in checkouts}
-    results = []
+    names = chosen(parser, args.scenarios, SCENARIOS, "scenarios")
     began = time.monotonic()
-    for name in names:
-        for run in range(1, args.runs + 1):
-            for checkout in checkouts:  # alternating: a noisy machine hits both alike
-                result = measure(checkout, labels[checkout], name, run, helps[checkout])
-                results.append(result)
-                line = json.dumps(result)
-                print(line, flush=True)
-                if args.out:
-                    with args.out.open("a") as out:
-                        out.write(line + "\n")
+    runs = [(name, run) for name in names for run in range(1, args.runs + 1)]
+    results, labels = side_by_side(checkouts, runs, lambda checkout, label, item, help_text: measure(
+        checkout, label, *item, help_text), args.out)
     print(f"\n{markdown(results, [labels[c] for c in checkouts])}\n\n{len(results)} runs in "
           f"{time.monotonic() - began:.0f} s", flush=True)
 

@@ -89,24 +89,21 @@ class UdpRelay:
 
     async def rebind(self) -> int:
         """Move the server-facing side to a new port, closing the old one; returns the new port."""
-        old = self._server_side
-        _, self._server_side = await self._loop.create_datagram_endpoint(
-            lambda: _Side(self._from_server), local_addr=("127.0.0.1", 0))
-        if old is not None and old.transport is not None:
-            old.transport.close()
-        self.rebinds += 1
+        self._server_side = await self._moved(self._server_side, self._from_server)
         return self.server_side_port
 
     async def move_caller_side(self) -> int:
         """Move the caller-facing side to a new port, closing the old one; returns the new port."""
-        old = self._caller_side
-        _, self._caller_side = await self._loop.create_datagram_endpoint(
-            lambda: _Side(self._from_caller), local_addr=("127.0.0.1", 0))
+        self._caller_side = await self._moved(self._caller_side, self._from_caller)
+        self.caller_address = None  # the server reaches the caller again once it sends from the new path
+        return self.caller_port
+
+    async def _moved(self, old: _Side | None, on_datagram: Callable[[bytes, tuple], None]) -> _Side:
+        _, side = await self._loop.create_datagram_endpoint(lambda: _Side(on_datagram), local_addr=("127.0.0.1", 0))
         if old is not None and old.transport is not None:
             old.transport.close()
-        self.caller_address = None  # the server reaches the caller again once it sends from the new path
         self.rebinds += 1
-        return self.caller_port
+        return side
 
     @property
     def server_side_port(self) -> int:

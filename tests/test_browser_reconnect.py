@@ -8,6 +8,7 @@ from GET /sessions/{id}. Timing is never asserted: each wait polls a state, with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -156,16 +157,30 @@ def through_relay(relay: UdpRelay):
     return handle
 
 
+@contextlib.asynccontextmanager
+async def page_through_relay(server, tmp_path, seconds: int):
+    """Chromium on our page in a call whose media crosses a relay (its fake mic `seconds` long), the echo heard;
+    yields (page, session_id, relay), all closed after."""
+    from playwright.async_api import async_playwright
+
+    voice_wav(tmp_path / "mic.wav", seconds=seconds)
+    relay = await UdpRelay().start()
+    try:
+        async with async_playwright() as playwright:
+            browser = await launch_chromium(playwright, tmp_path / "mic.wav")
+            try:
+                page, session_id = await call_in_progress(browser, server, through_relay(relay))
+                yield page, session_id, relay
+            finally:
+                await browser.close()
+    finally:
+        relay.close()
+
+
 async def test_the_page_tells_the_servers_reason_when_the_call_ended_meanwhile(echo_server, tmp_path):
     """The page is cut off (it cannot hear the server's "bye"), the call ends on the server, the page tries to
     resume: it shows the reason GET /sessions/{id} gives, not a connection failure."""
-    from playwright.async_api import async_playwright
-
-    voice_wav(tmp_path / "mic.wav", seconds=30)
-    relay = await UdpRelay().start()
-    async with async_playwright() as playwright:
-        browser = await launch_chromium(playwright, tmp_path / "mic.wav")
-        page, session_id = await call_in_progress(browser, echo_server, through_relay(relay))
+    async with page_through_relay(echo_server, tmp_path, seconds=30) as (page, session_id, relay):
         assert relay.up.media > 0 and relay.down.media > 0  # the call's media crosses the relay
 
         relay.cut()
@@ -182,20 +197,12 @@ async def test_the_page_tells_the_servers_reason_when_the_call_ended_meanwhile(e
         log = await page.evaluate("window.moshiCall.reconnectLog")
         assert [(e["what"], e["ok"], e["status"]) for e in log] == [("resume", False, 410)], log
         assert await page.evaluate("window.moshiCall.ended")
-        await browser.close()
-    relay.close()
 
 
 async def test_the_page_comes_back_by_itself_after_an_outage(echo_server, tmp_path):
     """A real outage (every datagram dropped both ways): the page counts "Reconnecting… N s", restarts ICE by
     itself, and when the network is back the call goes on: the same session, slot and echo."""
-    from playwright.async_api import async_playwright
-
-    voice_wav(tmp_path / "mic.wav", seconds=60)
-    relay = await UdpRelay().start()
-    async with async_playwright() as playwright:
-        browser = await launch_chromium(playwright, tmp_path / "mic.wav")
-        page, session_id = await call_in_progress(browser, echo_server, through_relay(relay))
+    async with page_through_relay(echo_server, tmp_path, seconds=60) as (page, session_id, relay):
         slot = (await summary_of(echo_server, session_id))["slot"]
 
         relay.cut()
@@ -221,20 +228,12 @@ async def test_the_page_comes_back_by_itself_after_an_outage(echo_server, tmp_pa
         assert summary["resumes"] == sum(e["what"] == "resume" for e in log), (summary, log)
 
         await page.click("#hangup")
-        await browser.close()
-    relay.close()
 
 
 async def test_the_page_keeps_its_call_through_a_fifteen_second_outage(echo_server, tmp_path):
     """Every datagram is lost for 15 s (a tunnel), longer than the server's media timeout: the server keeps the
     call away, the page keeps trying, and when the network is back it is the same session and slot."""
-    from playwright.async_api import async_playwright
-
-    voice_wav(tmp_path / "mic.wav", seconds=90)
-    relay = await UdpRelay().start()
-    async with async_playwright() as playwright:
-        browser = await launch_chromium(playwright, tmp_path / "mic.wav")
-        page, session_id = await call_in_progress(browser, echo_server, through_relay(relay))
+    async with page_through_relay(echo_server, tmp_path, seconds=90) as (page, session_id, relay):
         slot = (await summary_of(echo_server, session_id))["slot"]
         session = echo_server.service.sessions[session_id]
 
@@ -252,20 +251,12 @@ async def test_the_page_keeps_its_call_through_a_fifteen_second_outage(echo_serv
         assert summary["moves"][-1]["gap_s"] >= 14.0, summary  # it came back after the outage, not before
         assert echo_server.service.sessions[session_id] is session
         await page.click("#hangup")
-        await browser.close()
-    relay.close()
 
 
 async def test_the_page_keeps_its_call_when_its_network_changes(echo_server, tmp_path):
     """Wi-Fi to cellular: the page's old path is dead and only a new one works, which it learns through
     reconnecting (the relay's new caller-facing port is in the answer to its restart or resume)."""
-    from playwright.async_api import async_playwright
-
-    voice_wav(tmp_path / "mic.wav", seconds=60)
-    relay = await UdpRelay().start()
-    async with async_playwright() as playwright:
-        browser = await launch_chromium(playwright, tmp_path / "mic.wav")
-        page, session_id = await call_in_progress(browser, echo_server, through_relay(relay))
+    async with page_through_relay(echo_server, tmp_path, seconds=60) as (page, session_id, relay):
         slot = (await summary_of(echo_server, session_id))["slot"]
 
         old_port = relay.caller_port
@@ -279,8 +270,6 @@ async def test_the_page_keeps_its_call_when_its_network_changes(echo_server, tmp
         assert summary["session_id"] == session_id and summary["slot"] == slot and not summary["ended"]
         assert summary["ice_restarts"] + summary["resumes"] >= 1, summary  # it took the page to come back
         await page.click("#hangup")
-        await browser.close()
-    relay.close()
 
 
 async def _with(coroutine, predicate):

@@ -6,6 +6,7 @@ the echo engine sends each caller's tone back, so a caller hears whether the pat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 
 import aiohttp
@@ -84,6 +85,30 @@ class Caller:
         return response.status, answer
 
 
+    async def call_through(self, server, relay: UdpRelay) -> dict:
+        """Place the call through `relay` and return its answer once connected and the echo is heard."""
+        status, answer = await self.offer(server, relay)
+        assert status == 200, answer
+        await asyncio.wait_for(self.connected.wait(), 30)
+        await self.hears_after(asyncio.get_running_loop().time())
+        return answer
+
+
+@contextlib.asynccontextmanager
+async def relayed_call(**config):
+    """An echo server and a caller connected to it through a relay, its echo heard; all closed after."""
+    server = await echo_server(**config)
+    relay = await UdpRelay().start()
+    caller = Caller()
+    try:
+        answer = await caller.call_through(server, relay)
+        yield server, relay, caller, answer, server.service.sessions[answer["session_id"]]
+    finally:
+        await caller.pc.close()
+        relay.close()
+        await stop_server(server)
+
+
 async def until(predicate, timeout: float = 60.0) -> None:
     """Poll a condition the server sets without an event to wait on (the timeout is a hang guard)."""
     async with asyncio.timeout(timeout):
@@ -105,16 +130,8 @@ async def metric(server, name: str) -> float:
 async def test_the_server_follows_a_caller_whose_address_moves_without_renominating():
     """An aiortc caller (it nominates only at connect) behind a NAT that rebinds: the server hears it from a
     new address, checks that address with ICE and sends there: the echo comes back, the call goes on."""
-    server = await echo_server()
-    relay = await UdpRelay().start()
-    caller = Caller()
-    try:
-        status, answer = await caller.offer(server, relay)
-        assert status == 200
-        session = server.service.sessions[answer["session_id"]]
-        await asyncio.wait_for(caller.connected.wait(), 30)
+    async with relayed_call() as (server, relay, caller, answer, session):
         loop = asyncio.get_running_loop()
-        await caller.hears_after(loop.time())
         old_port = relay.server_side_port
         moved_at = loop.time()
         new_port = await relay.rebind()
@@ -128,25 +145,14 @@ async def test_the_server_follows_a_caller_whose_address_moves_without_renominat
         assert summary["path_switches"] == 1 and summary["moves"][0]["kind"] == "followed"
         assert await metric(server, 'moshi_call_moves_total{kind="followed"}') == 1
         assert session.follower.probes >= 1
-    finally:
-        await caller.pc.close()
-        relay.close()
-        await stop_server(server)
 
 
 async def test_a_fifteen_second_outage_keeps_the_call_and_its_slot():
     """Every packet either way is lost for 15 s (a tunnel): the server sees the caller go away after the media
     timeout, keeps its slot, and takes it back when the same path carries packets again."""
-    server = await echo_server(media_timeout_s=1.0, resume_window_s=30.0)
-    relay = await UdpRelay().start()
-    caller = Caller()
-    try:
-        status, answer = await caller.offer(server, relay)
-        session = server.service.sessions[answer["session_id"]]
+    async with relayed_call(media_timeout_s=1.0, resume_window_s=30.0) as (server, relay, caller, answer, session):
         slot = session.call.slot
-        await asyncio.wait_for(caller.connected.wait(), 30)
         loop = asyncio.get_running_loop()
-        await caller.hears_after(loop.time())
         relay.cut()
         cut_at = loop.time()
         await until(lambda: session.handovers.away)
@@ -159,10 +165,6 @@ async def test_a_fifteen_second_outage_keeps_the_call_and_its_slot():
         assert move.kind == "returned" and move.gap_s >= 14.0, session.handovers.moves
         assert not session.ended.is_set() and session.call.slot == slot
         assert server.service.sessions[answer["session_id"]] is session
-    finally:
-        await caller.pc.close()
-        relay.close()
-        await stop_server(server)
 
 
 async def test_a_caller_resumes_on_a_new_connection_with_its_token_and_is_never_told_busy():
@@ -214,14 +216,7 @@ async def test_a_caller_resumes_on_a_new_connection_with_its_token_and_is_never_
 
 
 async def test_a_caller_who_never_returns_frees_everything_at_the_end_of_the_window():
-    server = await echo_server(media_timeout_s=1.0, resume_window_s=2.0)
-    relay = await UdpRelay().start()
-    caller = Caller()
-    try:
-        status, answer = await caller.offer(server, relay)
-        session = server.service.sessions[answer["session_id"]]
-        await asyncio.wait_for(caller.connected.wait(), 30)
-        await caller.hears_after(asyncio.get_running_loop().time())
+    async with relayed_call(media_timeout_s=1.0, resume_window_s=2.0) as (server, relay, caller, answer, session):
         relay.cut()
         await asyncio.wait_for(session.ended.wait(), 60)
         assert session.end_kind == "resume_expired", session.end_reason
@@ -233,10 +228,6 @@ async def test_a_caller_who_never_returns_frees_everything_at_the_end_of_the_win
                                                          "token": answer["resume_token"]})
         assert status == 410 and gone["end_kind"] == "resume_expired" and "resume window" in gone["end_reason"]
         await again.pc.close()
-    finally:
-        await caller.pc.close()
-        relay.close()
-        await stop_server(server)
 
 
 def _whip_fragment(ufrag: str, pwd: str, mid: str) -> str:
@@ -310,11 +301,8 @@ async def test_resumes_and_restarts_reach_the_calls_media_worker_past_a_full_ser
     relay = await UdpRelay().start()
     first, second = Caller(), Caller()
     try:
-        status, answer = await first.offer(front, relay)
-        assert status == 200
-        await asyncio.wait_for(first.connected.wait(), 30)
+        answer = await first.call_through(front, relay)
         loop = asyncio.get_running_loop()
-        await first.hears_after(loop.time())
         relay.cut()
         async with aiohttp.ClientSession() as http:
             url = f"{front.url}/sessions/{answer['session_id']}"
