@@ -18,6 +18,10 @@ comes back: the whole stretch, marked censored, ">="). Scenarios (issue 23's tab
     rebind      relay.rebind() 3 s into the tone: the server-facing port moves, the old one is closed (a NAT
                 rebinding, a phone's Wi-Fi gone); the caller never renominates. Window 40 s.
     outage-N    relay.cut(), N s, relay.restore(): every datagram dropped both ways (N = 3, 8, 15). Window N + 25 s.
+    page-rebind, page-move
+                Chromium on the checkout's own page (bench/handover_page.py): the relay's server-facing port
+                moves (a NAT rebinding), or its caller-facing port (Wi-Fi to cellular: the new path is named
+                only in the answer to the page's next offer, an ICE restart or a resume). Windows 20 and 40 s.
     resume      --max-calls 1; the caller's relay is cut for good, its peer connection abandoned (never closed:
                 aiortc would send a DTLS close); 3 s later a NEW peer connection (through a new relay) offers with
                 "resume": {session_id, token} where the first answer had a resume_token, else a plain offer,
@@ -62,6 +66,7 @@ from abuse import (  # noqa: E402
     tone,
 )
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription  # noqa: E402
+from handover_page import page_call  # noqa: E402
 from net_relay import UdpRelay  # noqa: E402
 
 from server.caller import record_track  # noqa: E402
@@ -226,6 +231,7 @@ class Scenario:
     cut_s: float | None = None  # an outage of this long; None: a rebind, or (resume) a cut for good
     resume: bool = False
     flags: tuple[str, ...] = ()
+    page: str | None = None  # Chromium on the page (bench/handover_page.py): "rebind" or "move"
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -234,6 +240,8 @@ SCENARIOS: dict[str, Scenario] = {
     "outage-8": Scenario(window_s=33.0, cut_s=8.0),
     "outage-15": Scenario(window_s=40.0, cut_s=15.0),
     "resume": Scenario(window_s=30.0, resume=True, flags=("--max-calls", "1")),
+    "page-rebind": Scenario(window_s=20.0, page="rebind"),
+    "page-move": Scenario(window_s=40.0, page="move"),
 }
 COMMON_FLAGS = ("--max-calls-per-client", "0", "--max-offers-per-minute", "0", "--media-timeout", "10",
                 "--resume-window", "30", "--log-level", "INFO")
@@ -342,6 +350,7 @@ async def resume(server: Server, name: str, scenario: Scenario) -> dict:
     return {"gap_s": gap, "gap_censored": censored, "audio_back_after_s": back,
             "survived": same and not second_summary.get("ended"), "same_session": same,
             "offers": dict(statuses), "busy_503": statuses.get("503", 0), "new_offer_answered_after_s": offered_after,
+            "audio_back_after_new_path_s": None if back is None or second is None else round(back - offered_after, 3),
             "resumed_flag": bool(second and second.answer.get("resumed")),
             "slot_before": before.get("slot"), "slot_after": second_summary.get("slot"),
             "first_call": server_view(first_summary),
@@ -367,6 +376,9 @@ def measure(checkout: Path, label: str, name: str, run: int, help_text: str) -> 
         server.start()
         return server
 
+    if scenario.page is not None:
+        return run_on_server(result, start, lambda server: page_call(server, name, scenario, longest_gap),
+                             RUN_LIMIT_S)
     play = resume if scenario.resume else same_path
     return run_on_server(result, start, lambda server: play(server, name, scenario), RUN_LIMIT_S)
 
@@ -396,6 +408,7 @@ def cell(results: list[dict]) -> dict:
         "moves": dict(moves),
         "server_move_gap_s": median([m["gap_s"] for f in figures for m in f.get("moves") or []]),
         "busy_503": median([f.get("busy_503") for f in figures]),
+        "after_new_path_s": median([f.get("audio_back_after_new_path_s") for f in figures]),
         "same_session": (f"{sum(bool(f.get('same_session')) for f in figures)}/{len(figures)}"
                          if any("same_session" in f for f in figures) else None),
         "errors": errors,
@@ -406,8 +419,8 @@ def markdown(results: list[dict], labels: list[str]) -> str:
     by = collections.defaultdict(list)
     for r in results:
         by[(r["scenario"], r["checkout"])].append(r)
-    lines = ["| scenario | checkout | gap s (median) | gaps s | survived | ended | server moves | 503s | "
-             "after/before |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| scenario | checkout | gap s (median) | gaps s | audio back after the new path's answer s | survived | "
+             "ended | server moves | 503s | after/before |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["scenario"] for r in results):
         cells = {label: cell(by[(name, label)]) for label in labels if by[(name, label)]}
         first, last = cells.get(labels[0]), cells.get(labels[-1])
@@ -429,7 +442,9 @@ def markdown(results: list[dict], labels: list[str]) -> str:
             survived = c["survived"] + (f", same session {c['same_session']}" if c["same_session"] else "")
             if c["errors"]:
                 survived += f"; {c['errors']} errors"
-            lines.append(f"| {name} | {label} | {gap} | {', '.join(map(str, c['gaps']))} | {survived} | {ended} | "
+            new_path = "" if c["after_new_path_s"] is None else c["after_new_path_s"]
+            lines.append(f"| {name} | {label} | {gap} | {', '.join(map(str, c['gaps']))} | {new_path} | {survived} | "
+                         f"{ended} | "
                          f"{moves} | {'' if c['busy_503'] is None else c['busy_503']} | "
                          f"{ratio if label == labels[-1] else ''} |")
     return "\n".join(lines)

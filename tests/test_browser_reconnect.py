@@ -269,6 +269,7 @@ async def test_the_page_keeps_its_call_when_its_network_changes(echo_server, tmp
         summary = await summary_of(echo_server, session_id)
         assert summary["session_id"] == session_id and summary["slot"] == slot and not summary["ended"]
         assert summary["ice_restarts"] + summary["resumes"] >= 1, summary  # it took the page to come back
+        assert summary["moves"][-1]["gap_s"] > 1.0, summary  # the server's gap: no packet until the page's move
         await page.click("#hangup")
 
 

@@ -142,6 +142,12 @@ class AudioReceiver:
         """When the `n`th latest packet came (1: the last one; at most ARRIVALS_KEPT), or None if fewer came."""
         return self._arrivals[-n] if 0 < n <= len(self._arrivals) else None
 
+    def longest_recent_gap(self) -> float:
+        """The longest wait between two of the latest packets (ARRIVALS_KEPT): how long the caller's audio
+        stopped, when it just came back."""
+        arrivals = list(self._arrivals)
+        return max((b - a for a, b in zip(arrivals, arrivals[1:], strict=False)), default=0.0)
+
     def packets_since(self, since: float) -> int:
         """Packets that came at or after loop time `since` (counted among the latest ARRIVALS_KEPT)."""
         return sum(1 for arrival in self._arrivals if arrival >= since)

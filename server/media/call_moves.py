@@ -86,8 +86,8 @@ class CallMoves:
             self._restart_pending = False
         if self.handovers.away:
             self._return_kind = switch.how
-        else:
-            self.handovers.note(Move(switch.how, switch.quiet_s))
+        else:  # the gap: what the server did not hear, or did not send to, whichever was longer
+            self.handovers.note(Move(switch.how, max(switch.quiet_s, self.receiver.longest_recent_gap())))
 
     async def resume(self: CallSession, offer: RTCSessionDescription, token: object) -> RTCSessionDescription:
         """The caller comes back on a new peer connection, proving with `token` that the call is its own:
