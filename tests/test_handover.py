@@ -317,6 +317,10 @@ async def test_resumes_and_restarts_reach_the_calls_media_worker_past_a_full_ser
             async with http.get(url) as r:
                 summary = await r.json()
         assert summary["resumes"] == 1 and summary["ended"] is False and summary["resume_refused"] == 1
+        # The front's /metrics sums its workers': the move, its gap, the refused token.
+        assert await metric(front, 'moshi_call_moves_total{kind="resume"}') == 1
+        assert await metric(front, 'moshi_call_move_gap_seconds_count{kind="resume"}') == 1
+        assert await metric(front, 'moshi_calls_rejected_total{reason="bad_resume_token"}') == 1
     finally:
         for caller in (first, second):
             await caller.pc.close()
