@@ -132,7 +132,7 @@ async def page_call(server: Server, name: str, scenario, longest_gap) -> dict:
     back_after_new_path = next((t - new_path for t in voiced if new_path is not None and t > new_path), None)
     return {"gap_s": gap, "gap_censored": censored, "audio_back_after_s": back,
             "survived": not summary.get("ended") and summary.get("status") is None and back is not None,
-            "end_kind": summary.get("end_kind"), "end_reason": summary.get("end_reason"),
+            "ended": summary.get("ended"), "end_kind": summary.get("end_kind"), "end_reason": summary.get("end_reason"),
             "path_switches": summary.get("path_switches"), "ice_restarts": summary.get("ice_restarts"),
             "resumes": summary.get("resumes"), "moves": summary.get("moves"),
             "answers_after_event": [(round(t - event_at, 2), path, status) for t, path, status in route.answered

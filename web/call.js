@@ -40,16 +40,22 @@ async function iceConfig() {
   return { iceServers: [], iceTransportPolicy: "all" };
 }
 
-// Resolves once ICE gathering is complete for the current local description (at most `timeoutMs`). After an
-// ICE restart the state may still read "complete" from the previous round: only a description that has
-// candidates counts as gathered.
+// Resolves once ICE gathering is complete for the current local description (at most `timeoutMs`): the
+// gathering state says so, or the last candidate event (null) came. After an ICE restart the state may
+// still read "complete" from the previous round: only a description that has candidates counts as gathered.
 function gatheringComplete(pc, timeoutMs = 3000) {
   const gathered = () => pc.iceGatheringState === "complete" && /^a=candidate:/m.test(pc.localDescription.sdp);
   if (gathered()) return Promise.resolve();
   return new Promise((resolve) => {
-    const done = () => { pc.removeEventListener("icegatheringstatechange", check); resolve(); };
-    const check = () => { if (pc.iceGatheringState === "complete") done(); };
-    pc.addEventListener("icegatheringstatechange", check);
+    const done = () => {
+      pc.removeEventListener("icegatheringstatechange", onState);
+      pc.removeEventListener("icecandidate", onCandidate);
+      resolve();
+    };
+    const onState = () => { if (pc.iceGatheringState === "complete") done(); };
+    const onCandidate = (event) => { if (event.candidate === null) done(); };
+    pc.addEventListener("icegatheringstatechange", onState);
+    pc.addEventListener("icecandidate", onCandidate);
     setTimeout(done, timeoutMs);
   });
 }
@@ -114,6 +120,7 @@ export class Call extends EventTarget {
     this.resumeToken = body.resume_token || null;
     this.resumeWindowS = body.resume_window_s || 0;
     await this.pc.setRemoteDescription({ sdp: body.sdp, type: body.type });
+    this.reconnector.watchMedia();
   }
 
   // A peer connection with the microphone and an "events" channel, its events told only while it is the call's.
@@ -140,10 +147,11 @@ export class Call extends EventTarget {
     return pc;
   }
 
-  // Offer from `pc` (the server takes no trickled candidates: a complete offer) to `path`.
-  async offer(pc, path, extra) {
+  // Offer from `pc` (the server takes no trickled candidates: a complete offer) to `path`. A restart's
+  // offer waits less: the server learns the caller's address from its ICE checks anyway.
+  async offer(pc, path, extra, gatherMs = 3000) {
     await pc.setLocalDescription(await pc.createOffer());
-    await gatheringComplete(pc);
+    await gatheringComplete(pc, gatherMs);
     if (pc.getConfiguration().iceTransportPolicy === "relay" && !pc.localDescription.sdp.includes(" typ relay")) {
       pc.close();
       throw new CallError("No TURN relay could be reached: the relay server is down or refused our credentials.");
@@ -155,7 +163,7 @@ export class Call extends EventTarget {
   async sendIceRestart() {
     const pc = this.pc;
     pc.restartIce();
-    const { response, body } = await this.offer(pc, `${this.sessionUrl}/offer`, { token: this.resumeToken });
+    const { response, body } = await this.offer(pc, `${this.sessionUrl}/offer`, { token: this.resumeToken }, 1000);
     if (!response.ok) {
       await pc.setLocalDescription({ type: "rollback" }).catch(() => {});
       throw new ReconnectError(response.status, body);

@@ -9,6 +9,15 @@
 const GRACE_MS = 1000; // "disconnected" often heals by itself within a second
 const SETTLE_MS = 5000; // how long a restart or a resume gets to bring the connection back
 const RESUME_EVERY_MS = 2000;
+const STALL_MS = 1500; // no audio packet this long on a "connected" connection: its path is gone
+const WATCH_EVERY_MS = 500;
+
+// The audio bytes the connection has received so far.
+async function inboundBytes(pc) {
+  const stats = await pc.getStats();
+  for (const s of stats.values()) if (s.type === "inbound-rtp" && s.kind === "audio") return s.bytesReceived;
+  return 0;
+}
 
 export class ReconnectError extends Error {
   constructor(status, body) {
@@ -34,6 +43,34 @@ export class Reconnector {
     this.phase = "up"; // up, grace, restarting, resuming, ended
     this.timer = null; // the next step
     this.ticker = null; // the "Reconnecting… N s" counter
+    this.watcher = null; // the media watch (watchMedia)
+    this.heard = { pc: null, bytes: 0, at: 0 }; // when the current connection's audio bytes last grew
+  }
+
+  // Watch the received audio as well as ICE's states: the server sends audio all the time, and it stops
+  // well before Chromium calls a dead path "disconnected" (2.5 s or more), or while the state still reads
+  // "connected" (a path that dies one way).
+  watchMedia() {
+    if (this.watcher !== null) return;
+    this.heard = { pc: this.call.pc, bytes: 0, at: Date.now() };
+    this.watcher = setInterval(() => this.checkMedia().catch(() => {}), WATCH_EVERY_MS);
+  }
+
+  async checkMedia() {
+    const pc = this.call.pc;
+    if (!pc || this.phase === "ended") return;
+    const bytes = await inboundBytes(pc);
+    if (pc !== this.heard.pc || bytes !== this.heard.bytes) {
+      const grew = pc === this.heard.pc && bytes > this.heard.bytes;
+      this.heard = { pc, bytes, at: Date.now() };
+      if (grew && this.phase !== "up" && isConnected(pc)) this.recovered(); // back without a state change
+    } else if (this.phase === "up" && bytes > 0 && !this.mediaFlowing()) {
+      this.trouble(false);
+    }
+  }
+
+  mediaFlowing() {
+    return this.heard.pc === this.call.pc && Date.now() - this.heard.at < STALL_MS;
   }
 
   // Every connection or ICE state change of the call's current peer connection.
@@ -100,7 +137,7 @@ export class Reconnector {
 
   // After a step had its time: back up, or try a resume (again).
   checkBack() {
-    if (isConnected(this.call.pc)) this.recovered();
+    if (isConnected(this.call.pc) && this.mediaFlowing()) this.recovered();
     else {
       this.trouble(false); // the counter starts here when a step the tests asked for left the call down
       this.resume();
@@ -147,6 +184,8 @@ export class Reconnector {
 
   stop() {
     this.stopTimers();
+    clearInterval(this.watcher);
+    this.watcher = null;
     this.phase = "ended";
   }
 }

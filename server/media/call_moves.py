@@ -132,6 +132,9 @@ class CallMoves:
         self._local_ice = local
         self._restart_pending = True
         self.ice_restart_requests += 1
+        last = self.receiver.last_packet_at
+        if last is not None and self.receiver.loop.time() - last > ice_compat.QUIET_BEFORE_PROBE_S:
+            self._go_away("its connection restarts ICE")  # its audio stopped: the restart brings it back
         if self.handovers.away:
             self._return_kind = "restart"
         log.info("session %s: ICE restart (caller ufrag %s)", self.session_id, reoffer.credentials.ufrag)
