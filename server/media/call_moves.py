@@ -5,7 +5,6 @@ server.media.handover's, the ICE agent's part server.media.ice_compat's)."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from aiortc import RTCSessionDescription
 
@@ -14,9 +13,6 @@ from .handover import Move
 from .ice_restart import IceRestartRefused, ReOffer, answer_for_restart, sdp_ice_credentials
 from .opus_sdp import with_opus_fec
 from .peer_close import close_peer
-
-if TYPE_CHECKING:
-    from .peer import CallSession
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +29,7 @@ class ResumeRefused(Exception):
 class CallMoves:
     """Resume, ICE restart, away and back."""
 
-    def _lost(self: CallSession, reason: str, kind: str) -> None:
+    def _lost(self, reason: str, kind: str) -> None:
         """The caller's connection failed (`reason`): a call that was up waits for its caller to come back
         (a resume) within the resume window; any other ends."""
         if self._may_wait_for_caller():
@@ -41,14 +37,14 @@ class CallMoves:
         else:
             self.fail(reason, kind)
 
-    def _may_wait_for_caller(self: CallSession) -> bool:
+    def _may_wait_for_caller(self) -> bool:
         """Only a caller who was there goes away: connected, and its audio came (a stranger holding a slot
         with a connection that never carried a packet gets no window)."""
         return (self.handovers.resumable and self.stats.connected_at is not None
                 and self.receiver.last_packet_at is not None and not self._ending)
 
 
-    def _on_packet(self: CallSession, ssrc: int, sequence_number: int, timestamp: int, payload: bytes) -> None:
+    def _on_packet(self, ssrc: int, sequence_number: int, timestamp: int, payload: bytes) -> None:
         """Every RTP packet of the caller's, from whichever connection is the call's now."""
         if self.handovers.away:
             move = self.handovers.came_back(self.receiver.loop.time(), self._return_kind)
@@ -57,7 +53,7 @@ class CallMoves:
                 log.info("session %s: the caller is back (%s) after %.2f s", self.session_id, move.kind, move.gap_s)
         self.receiver.on_packet(ssrc, sequence_number, timestamp, payload)
 
-    def _go_away(self: CallSession, why: str) -> None:
+    def _go_away(self, why: str) -> None:
         if self.handovers.away:
             return
         self._return_kind = "returned"
@@ -65,14 +61,14 @@ class CallMoves:
         log.warning("session %s (client %s): the caller is away (%s); its slot is kept for %g s for it to come "
                     "back", self.session_id, self.client or "unknown", why, self.handovers.window_s)
 
-    def _resume_expired(self: CallSession, reason: str) -> None:
+    def _resume_expired(self, reason: str) -> None:
         self.fail(reason, kind="resume_expired")
 
-    def _on_move(self: CallSession, move: Move) -> None:
+    def _on_move(self, move: Move) -> None:
         if self.observer is not None:
             self.observer.call_moved(move.kind, move.gap_s)
 
-    def _on_path_switch(self: CallSession, switch: ice_compat.PathSwitch) -> None:
+    def _on_path_switch(self, switch: ice_compat.PathSwitch) -> None:
         """The ICE agent sends on a new path: recorded now, or when the away caller's packets flow again. A
         renomination while the old path still carried packets is the caller choosing a better pair (Chromium
         does, just after connecting), not a move; a restart is recorded once, by whichever comes first."""
@@ -89,7 +85,7 @@ class CallMoves:
         else:  # the gap: what the server did not hear, or did not send to, whichever was longer
             self.handovers.note(Move(switch.how, max(switch.quiet_s, self.receiver.longest_recent_gap())))
 
-    async def resume(self: CallSession, offer: RTCSessionDescription, token: object) -> RTCSessionDescription:
+    async def resume(self, offer: RTCSessionDescription, token: object) -> RTCSessionDescription:
         """The caller comes back on a new peer connection, proving with `token` that the call is its own:
         the same slot and model context, the old connection closed. Raises ResumeRefused."""
         if self._ending:
@@ -114,7 +110,7 @@ class CallMoves:
         log.info("session %s: resumed on a new connection", self.session_id)
         return answer
 
-    async def restart_ice(self: CallSession, offer_sdp: str, token: object | None = None,
+    async def restart_ice(self, offer_sdp: str, token: object | None = None,
                           fragment: bool = False) -> str:
         """An ICE restart (RFC 8445 section 9) within this connection: returns the answer to `offer_sdp`, a
         re-offer with new ICE credentials and the same DTLS fingerprint (or, `fragment`, WHIP's
@@ -141,7 +137,7 @@ class CallMoves:
         return self.local_sdp
 
     @property
-    def local_sdp(self: CallSession) -> str:
+    def local_sdp(self) -> str:
         """The server's answer as it stands (with its ICE credentials of the latest restart, if any)."""
         description = self.pc.localDescription
         if description is None:
@@ -150,7 +146,7 @@ class CallMoves:
         return answer_for_restart(sdp, self._local_ice) if self._local_ice is not None else sdp
 
     @property
-    def remote_ice_credentials(self: CallSession) -> tuple[str | None, str | None]:
+    def remote_ice_credentials(self) -> tuple[str | None, str | None]:
         """The caller's ICE ufrag and pwd now (an ICE restart changes them)."""
         if self._restart is not None:
             return self._restart.credentials.ufrag, self._restart.credentials.pwd

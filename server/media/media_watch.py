@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
 
 from aiortc import RTCPeerConnection
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .audio_receive import ARRIVALS_KEPT
-
-if TYPE_CHECKING:
-    from .peer import CallSession
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +19,7 @@ MIN_PACKETS_PER_S = 1.0  # what keeps a call: speech is 50 packets a second, Opu
 class MediaWatch:
     """Why a call's media no longer keeps it, in the caller's terms."""
 
-    def _never_connected_cause(self: CallSession, seconds: float | None = None, since: str = "") -> tuple[str, str]:
+    def _never_connected_cause(self, seconds: float | None = None, since: str = "") -> tuple[str, str]:
         """Why the connection never came up in `seconds` (the media timeout unless said), in the caller's
         terms: aioice waits on an offer without candidates for ever, and gives unanswered checks a minute."""
         waited = f"{self.media_timeout if seconds is None else seconds:g} s" + (f" {since}" if since else "")
@@ -38,7 +34,7 @@ class MediaWatch:
         return f"the connection did not come up in {waited} (ICE {ice}, DTLS unfinished)", "connection_failed"
 
 
-    async def _watch_audio(self: CallSession, pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
+    async def _watch_audio(self, pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
         """End the call when the caller's track ends, or when the media timeout passes without a live stream
         of packets: at least `MIN_PACKETS_PER_S` on average (a packet now and then, sent to hold a line, is
         not a caller; one listening in silence is, its Opus DTX sends 2.5 a second). The track itself carries
@@ -80,7 +76,7 @@ class MediaWatch:
         else:
             self._spawn(self.hang_up(reason, kind=kind))
 
-    def _media_deadline(self: CallSession, watching_since: float, needed: int) -> float:
+    def _media_deadline(self, watching_since: float, needed: int) -> float:
         """When the call ends unless more packets come. While the latest `needed` packets came at a live rate,
         a stream that stops has the whole media timeout from its last packet (then it is `no_media`); a
         sparse one has it from the first of those `needed` (or from the start while fewer came)."""
@@ -90,7 +86,7 @@ class MediaWatch:
             return max(watching_since, last) + self.media_timeout
         return max(watching_since, first or watching_since) + self.media_timeout
 
-    def _no_live_stream(self: CallSession, now: float, needed: int) -> tuple[str, str]:
+    def _no_live_stream(self, now: float, needed: int) -> tuple[str, str]:
         """Why the caller's media no longer keeps the call, and the metrics kind."""
         if self.stats.connected_at is None:
             return self._never_connected_cause()
