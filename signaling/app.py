@@ -45,7 +45,7 @@ from server.media.turn_check import TurnMonitor
 from server.media.workers import MediaWorkers
 from server.model.persona import Persona, PersonaError
 
-from .connections import BodyTimeout, ConnectionGuard, ConnectionLimits, read_body, start_guarded_runner
+from .connections import BodyRefused, BodyTooLarge, ConnectionGuard, ConnectionLimits, read_body, start_guarded_runner
 from .ended import EndedSessions
 from .errors import SessionRefused, json_error
 from .forward import CallForwarder, WorkerTotals
@@ -164,8 +164,12 @@ class SignalingService:
         return await start_guarded_runner(self.app(), self.connections)
 
     async def read_body(self, request: web.Request) -> bytes:
-        """The request's body, within the body deadline (raises BodyTimeout: answer with its `response()`)."""
-        return await read_body(request, self.config.connections.body_timeout_s)
+        """The request's body, within the body deadline and size; raises BodyRefused (BodyTimeout, BodyTooLarge):
+        answer with its `response()`."""
+        try:
+            return await read_body(request, self.config.connections.body_timeout_s)
+        except web.HTTPRequestEntityTooLarge:
+            raise BodyTooLarge(f"the body is larger than {MAX_BODY_BYTES} bytes; an offer is a few kB") from None
 
     async def _start_turn_checks(self, app: web.Application) -> None:
         self.turn.start()
@@ -183,10 +187,8 @@ class SignalingService:
     async def post_offer(self, request: web.Request) -> web.Response:
         try:
             body = await self.read_body(request)
-        except BodyTimeout as exc:
+        except BodyRefused as exc:
             return exc.response()
-        except web.HTTPRequestEntityTooLarge:
-            return json_error(413, f"the body is larger than {MAX_BODY_BYTES} bytes; an offer is a few kB")
         try:
             offer = parse_offer_json(body, request.content_type)
         except OfferRejected as rejected:

@@ -36,13 +36,30 @@ class ConnectionLimits:
     keepalive_timeout_s: float = 15.0  # aiohttp's own idle keep-alive limit (AppRunner)
 
 
-class BodyTimeout(Exception):
-    """The request body did not arrive in time: answer with `response()`, 408, and close the connection."""
+class BodyRefused(Exception):
+    """The request body cannot be taken: answer with `response()`, which says why."""
+
+    status = 400
 
     def response(self) -> web.Response:
-        response = json_error(408, str(self))
+        return json_error(self.status, str(self))
+
+
+class BodyTimeout(BodyRefused):
+    """The request body did not arrive in time: 408, and the connection closes."""
+
+    status = 408
+
+    def response(self) -> web.Response:
+        response = super().response()
         response.force_close()
         return response
+
+
+class BodyTooLarge(BodyRefused):
+    """The request body is over the server's limit: 413."""
+
+    status = 413
 
 
 async def read_body(request: web.Request, timeout_s: float) -> bytes:

@@ -59,6 +59,17 @@ def parse_offer_json(body: bytes, content_type: str) -> Offer:
     """The `POST /offer` body: JSON `{"sdp": ..., "type": "offer", "persona": {...}, "resume": {...}}` with a
     usable SDP. `persona` is optional: {"prompt": str, "voice": str} for a model that takes one; `resume`
     too: {"session_id": str, "token": str} for a call in progress (signaling.recovery)."""
+    payload, sdp = offer_json(body, content_type, '{"sdp": ..., "type": "offer"}')
+    try:
+        persona = Persona.from_json(payload.get("persona"))
+    except PersonaError as exc:
+        raise OfferRejected(400, str(exc)) from None
+    return Offer(RTCSessionDescription(sdp=sdp, type="offer"), persona, Resume.from_json(payload.get("resume")))
+
+
+def offer_json(body: bytes, content_type: str, shape: str) -> tuple[dict, str]:
+    """A JSON object with `"type": "offer"` and a usable offer SDP in `"sdp"`: (the object, the SDP).
+    `shape`: what the body should look like, for the errors."""
     if content_type != "application/json":
         raise OfferRejected(415, f"the body must be application/json, got {content_type or 'no content type'}")
     try:
@@ -68,18 +79,14 @@ def parse_offer_json(body: bytes, content_type: str) -> Offer:
     except RecursionError:  # deeply nested arrays or objects: no offer looks like that
         raise OfferRejected(400, "the body is not an offer: its JSON is nested too deeply") from None
     if not isinstance(payload, dict):
-        raise OfferRejected(400, 'the body must be a JSON object {"sdp": ..., "type": "offer"}')
+        raise OfferRejected(400, f"the body must be a JSON object {shape}")
     if payload.get("type") != "offer":
         raise OfferRejected(400, f'"type" must be "offer", got {payload.get("type")!r}')
     sdp = payload.get("sdp")
     if not isinstance(sdp, str) or not sdp.strip():
         raise OfferRejected(400, '"sdp" must be a non-empty string')
     check_offer_sdp(sdp)
-    try:
-        persona = Persona.from_json(payload.get("persona"))
-    except PersonaError as exc:
-        raise OfferRejected(400, str(exc)) from None
-    return Offer(RTCSessionDescription(sdp=sdp, type="offer"), persona, Resume.from_json(payload.get("resume")))
+    return payload, sdp
 
 
 def resume_target(body: bytes) -> str | None:

@@ -14,7 +14,6 @@ line is busy: it takes no new slot. A call that ended answers 410 with its end r
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import TYPE_CHECKING
 
@@ -24,9 +23,9 @@ from server.media.call_moves import ResumeRefused
 from server.media.ice_restart import IceRestartRefused
 from server.media.peer import CallSession
 
-from .connections import BodyTimeout
+from .connections import BodyRefused
 from .errors import json_error
-from .offer_check import Offer, OfferRejected, check_offer_sdp
+from .offer_check import Offer, OfferRejected, offer_json
 
 if TYPE_CHECKING:
     from .app import SignalingService
@@ -84,10 +83,8 @@ class CallRecovery:
             return self.gone(session_id)
         try:
             body = await self.service.read_body(request)
-        except BodyTimeout as exc:
+        except BodyRefused as exc:
             return exc.response()
-        except web.HTTPRequestEntityTooLarge:
-            return json_error(413, "the body is too large for a re-offer")
         try:
             sdp, token = _parse_reoffer(body, request.content_type)
         except OfferRejected as rejected:
@@ -102,16 +99,8 @@ class CallRecovery:
 
 def _parse_reoffer(body: bytes, content_type: str) -> tuple[str, str]:
     """`{"sdp": ..., "type": "offer", "token": ...}`, its SDP checked as an offer's is."""
-    if content_type != "application/json":
-        raise OfferRejected(415, f"the body must be application/json, got {content_type or 'no content type'}")
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise OfferRejected(400, f"the body is not valid JSON: {exc}") from None
-    if not isinstance(payload, dict) or payload.get("type") != "offer" or not isinstance(payload.get("sdp"), str):
-        raise OfferRejected(400, 'the body must be {"sdp": ..., "type": "offer", "token": ...}')
+    payload, sdp = offer_json(body, content_type, '{"sdp": ..., "type": "offer", "token": ...}')
     token = payload.get("token")
     if not isinstance(token, str) or not token:
         raise OfferRejected(400, '"token" must be the call\'s resume_token (from the answer to its offer)')
-    check_offer_sdp(payload["sdp"])
-    return payload["sdp"], token
+    return sdp, token

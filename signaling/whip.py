@@ -29,9 +29,9 @@ from aiortc.sdp import candidate_from_sdp
 from server.media.ice_restart import IceRestartRefused, restart_fragment, sdp_ice_credentials
 from server.model.persona import Persona
 
-from .connections import BodyTimeout
+from .connections import BodyRefused
 from .errors import SessionRefused, json_error
-from .offer_check import MAX_BODY_BYTES, OfferRejected, check_offer_sdp
+from .offer_check import OfferRejected, check_offer_sdp
 
 if TYPE_CHECKING:
     from .app import SignalingService
@@ -128,10 +128,8 @@ class WhipEndpoint:
             return json_error(415, f"a WHIP offer must be {SDP}, got {request.content_type or 'no content type'}")
         try:
             sdp = (await self.service.read_body(request)).decode()
-        except BodyTimeout as exc:
+        except BodyRefused as exc:
             return exc.response()
-        except web.HTTPRequestEntityTooLarge:
-            return json_error(413, f"the offer is larger than {MAX_BODY_BYTES} bytes")
         except UnicodeDecodeError:
             return json_error(400, "the offer is not UTF-8 text")
         try:
@@ -166,7 +164,7 @@ class WhipEndpoint:
         session.trickle_requests += 1
         try:
             fragment = (await self.service.read_body(request)).decode(errors="replace")
-        except BodyTimeout as exc:
+        except BodyRefused as exc:
             return exc.response()
         ufrag, pwd = sdp_ice_credentials(fragment)
         current = session.remote_ice_credentials
