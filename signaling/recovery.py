@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from server.media.call_moves import ResumeRefused
-from server.media.ice_restart import IceRestartRefused
+from server.media.handover import MoveRefused
 from server.media.peer import CallSession
 
 from .connections import BodyRefused
@@ -65,7 +64,7 @@ class CallRecovery:
         try:
             answer = await asyncio.wait_for(session.resume(offer.description, offer.resume.token),
                                             self.service.config.answer_timeout_s)
-        except ResumeRefused as refused:
+        except MoveRefused as refused:
             return self._refused(request, session, refused.status, refused.message)
         except Exception as exc:  # noqa: BLE001 - the call stays away; its caller may try again in the window
             log.warning("session %s: a resume offer could not be applied: %s: %s", session_id, type(exc).__name__, exc)
@@ -92,7 +91,7 @@ class CallRecovery:
             return json_error(rejected.status, rejected.message)
         try:
             answer = await session.restart_ice(sdp, token)
-        except IceRestartRefused as refused:
+        except MoveRefused as refused:
             return self._refused(request, session, refused.status, refused.message)
         return web.json_response({"sdp": answer, "type": "answer", "session_id": session_id})
 

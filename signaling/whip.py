@@ -26,7 +26,8 @@ from aiohttp import web
 from aiortc import RTCIceCandidate, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
-from server.media.ice_restart import IceRestartRefused, restart_fragment, sdp_ice_credentials
+from server.media.handover import MoveRefused
+from server.media.ice_restart import restart_fragment, sdp_ice_credentials
 from server.model.persona import Persona
 
 from .connections import BodyRefused
@@ -191,7 +192,7 @@ class WhipEndpoint:
         """RFC 9725 section 4.3.2: the client's new credentials (and candidates) in, the server's out."""
         try:
             answer = await session.restart_ice(fragment, fragment=True)
-        except IceRestartRefused as refused:
+        except MoveRefused as refused:
             self.service.metrics.rejected("bad_trickle", self.service.client(request), refused.message)
             return json_error(refused.status, refused.message)
         return web.Response(status=200, text=restart_fragment(answer), content_type=SDPFRAG,

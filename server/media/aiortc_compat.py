@@ -107,16 +107,6 @@ def sender_rtt_s(sender: RTCRtpSender) -> float | None:
     return getattr(sender, "_RTCRtpSender__rtt", None)
 
 
-def nominated_candidate_types(pc: RTCPeerConnection) -> set[str] | None:
-    """The candidate types ("host", "srflx", "prflx", "relay") of the ICE pair carrying RTP, if known."""
-    try:
-        transport = pc.getTransceivers()[0].receiver.transport.transport
-        pair = transport._connection._nominated.get(1)  # aioice's nominated pair for component 1 (RTP)
-        return {pair.local_candidate.type, pair.remote_candidate.type}
-    except (AttributeError, IndexError):
-        return None
-
-
 class OpusSenderEncoder(Encoder):
     """aiortc's encoder interface around our libopus encoder (server.media.opus_codec.OpusEncoder): mono, FEC
     with an expected loss that the owner updates (`set_expected_loss`), one packet per 20 ms frame.

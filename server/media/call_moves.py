@@ -9,21 +9,12 @@ import logging
 from aiortc import RTCSessionDescription
 
 from . import ice_compat, sctp_compat
-from .handover import Move
-from .ice_restart import IceRestartRefused, ReOffer, answer_for_restart, sdp_ice_credentials
+from .handover import Move, MoveRefused
+from .ice_restart import ReOffer, answer_for_restart, sdp_ice_credentials
 from .opus_sdp import with_opus_fec
 from .peer_close import close_peer
 
 log = logging.getLogger(__name__)
-
-
-class ResumeRefused(Exception):
-    """A resume that cannot be taken: `status` for the HTTP answer, `message` for the caller."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 class CallMoves:
@@ -43,13 +34,11 @@ class CallMoves:
         return (self.handovers.resumable and self.stats.connected_at is not None
                 and self.receiver.last_packet_at is not None and not self._ending)
 
-
     def _on_packet(self, ssrc: int, sequence_number: int, timestamp: int, payload: bytes) -> None:
         """Every RTP packet of the caller's, from whichever connection is the call's now."""
         if self.handovers.away:
             move = self.handovers.came_back(self.receiver.loop.time(), self._return_kind)
             if move is not None:
-                self._restart_pending &= move.kind != "restart"  # this restart is recorded: not again at its switch
                 log.info("session %s: the caller is back (%s) after %.2f s", self.session_id, move.kind, move.gap_s)
         self.receiver.on_packet(ssrc, sequence_number, timestamp, payload)
 
@@ -76,10 +65,8 @@ class CallMoves:
             self.path = self._media_path()
         if switch.how == "renominated" and switch.quiet_s < ice_compat.QUIET_BEFORE_PROBE_S:
             return
-        if switch.how == "restart":
-            if not self._restart_pending:
-                return
-            self._restart_pending = False
+        if switch.how == "restart" and self.handovers.counts["restart"] >= self.ice_restart_requests:
+            return  # this restart was recorded already, when the away caller's packets came back
         if self.handovers.away:
             self._return_kind = switch.how
         else:  # the gap: what the server did not hear, or did not send to, whichever was longer
@@ -87,14 +74,14 @@ class CallMoves:
 
     async def resume(self, offer: RTCSessionDescription, token: object) -> RTCSessionDescription:
         """The caller comes back on a new peer connection, proving with `token` that the call is its own:
-        the same slot and model context, the old connection closed. Raises ResumeRefused."""
+        the same slot and model context, the old connection closed. Raises MoveRefused."""
         if self._ending:
-            raise ResumeRefused(410, f"the call has ended: {self.end_reason}")
+            raise MoveRefused(410, f"the call has ended: {self.end_reason}")
         if not self.handovers.resumable:
-            raise ResumeRefused(409, "this server does not resume calls (--resume-window 0)")
+            raise MoveRefused(409, "this server does not resume calls (--resume-window 0)")
         if not self.handovers.owns(token):
             log.warning("session %s: a resume with a wrong token (client %s)", self.session_id, self.client)
-            raise ResumeRefused(403, "the resume token does not match this call's")
+            raise MoveRefused(403, "the resume token does not match this call's")
         old = self.pc
         self._go_away("the caller resumed on a new connection")
         self._return_kind = "resume"
@@ -115,18 +102,17 @@ class CallMoves:
         """An ICE restart (RFC 8445 section 9) within this connection: returns the answer to `offer_sdp`, a
         re-offer with new ICE credentials and the same DTLS fingerprint (or, `fragment`, WHIP's
         trickle-ice-sdpfrag with new credentials). `token`: the call's resume token (the JSON API asks for
-        it; WHIP's session URL is its own secret). Raises IceRestartRefused."""
+        it; WHIP's session URL is its own secret). Raises MoveRefused."""
         if self._ending:
-            raise IceRestartRefused(410, f"the call has ended: {self.end_reason}")
+            raise MoveRefused(410, f"the call has ended: {self.end_reason}")
         if token is not None and not self.handovers.owns(token):
-            raise IceRestartRefused(403, "the resume token does not match this call's")
+            raise MoveRefused(403, "the resume token does not match this call's")
         if self.follower is None or self.pc.localDescription is None:
-            raise IceRestartRefused(409, "the call has no ICE agent to restart yet")
+            raise MoveRefused(409, "the call has no ICE agent to restart yet")
         reoffer = ReOffer.parse(offer_sdp, self.remote_sdp, self._restart, fragment=fragment)
         local = ice_compat.restart_ice(self.follower, reoffer.credentials, reoffer.candidates)
         self._restart = reoffer
         self._local_ice = local
-        self._restart_pending = True
         self.ice_restart_requests += 1
         last = self.receiver.last_packet_at
         if last is not None and self.receiver.loop.time() - last > ice_compat.QUIET_BEFORE_PROBE_S:

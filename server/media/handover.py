@@ -26,6 +26,15 @@ MOVES = ("followed", "renominated", "restart", "resume", "returned")
 MOVES_KEPT = 32  # per call, for /sessions/{id}; the metrics count every one
 
 
+class MoveRefused(Exception):
+    """A resume or an ICE restart the call does not take: `status` for the HTTP answer, `message` says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 @dataclass(frozen=True)
 class Move:
     kind: str  # one of MOVES; "returned": the same path came back after an outage

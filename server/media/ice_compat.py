@@ -69,6 +69,13 @@ def ice_connection(pc: RTCPeerConnection) -> Connection | None:
     return None
 
 
+def nominated_candidate_types(pc: RTCPeerConnection) -> set[str] | None:
+    """The candidate types ("host", "srflx", "prflx", "relay") of the ICE pair carrying RTP, if known."""
+    connection = ice_connection(pc)
+    pair = connection._nominated.get(1) if connection is not None else None  # component 1: RTP
+    return {pair.local_candidate.type, pair.remote_candidate.type} if pair is not None else None
+
+
 @dataclass(frozen=True)
 class PathSwitch:
     """The server began sending to `new` instead of `old`."""

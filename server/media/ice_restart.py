@@ -14,18 +14,10 @@ from dataclasses import dataclass
 
 from aioice import Candidate
 
+from .handover import MoveRefused
 from .ice_compat import IceCredentials
 
 MAX_RESTART_CANDIDATES = 32  # as an offer's (signaling.offer_check.MAX_OFFER_CANDIDATES)
-
-
-class IceRestartRefused(Exception):
-    """A re-offer this server does not take: `status` for the HTTP answer, `message` says why."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def sdp_ice_credentials(sdp: str) -> tuple[str | None, str | None]:
@@ -55,27 +47,27 @@ class ReOffer:
         carries no fingerprint."""
         ufrag, pwd = sdp_ice_credentials(sdp)
         if not ufrag or not pwd:
-            raise IceRestartRefused(400, "the re-offer has no a=ice-ufrag and a=ice-pwd")
+            raise MoveRefused(400, "the re-offer has no a=ice-ufrag and a=ice-pwd")
         if not (4 <= len(ufrag) <= 256 and 22 <= len(pwd) <= 256):
-            raise IceRestartRefused(400, "ICE credentials must be a ufrag of 4-256 and a pwd of 22-256 characters")
+            raise MoveRefused(400, "ICE credentials must be a ufrag of 4-256 and a pwd of 22-256 characters")
         current = (previous.credentials.ufrag, previous.credentials.pwd) if previous else sdp_ice_credentials(original)
         if ufrag == current[0] or pwd == current[1]:
-            raise IceRestartRefused(422, "the re-offer keeps the ICE credentials: only an ICE restart (a new "
+            raise MoveRefused(422, "the re-offer keeps the ICE credentials: only an ICE restart (a new "
                                          "ice-ufrag and ice-pwd) is taken on a call; trickle candidates instead")
         if not fragment and _fingerprints(sdp) != _fingerprints(original):
-            raise IceRestartRefused(422, "the re-offer has another DTLS fingerprint: that is a new connection, "
+            raise MoveRefused(422, "the re-offer has another DTLS fingerprint: that is a new connection, "
                                          "not an ICE restart; resume the call with POST /offer and \"resume\"")
         if (not set(_mids(sdp)) <= set(_mids(original))) if fragment else _mids(sdp) != _mids(original):
-            raise IceRestartRefused(422, f"the re-offer's media sections ({', '.join(_mids(sdp)) or 'none'}) are "
+            raise MoveRefused(422, f"the re-offer's media sections ({', '.join(_mids(sdp)) or 'none'}) are "
                                          f"not the call's ({', '.join(_mids(original))}): only ICE may change")
         candidates = []
         for line in re.findall(r"^a=candidate:(.+)$", sdp, re.MULTILINE):
             if len(candidates) == MAX_RESTART_CANDIDATES:
-                raise IceRestartRefused(400, f"the re-offer lists more than {MAX_RESTART_CANDIDATES} candidates")
+                raise MoveRefused(400, f"the re-offer lists more than {MAX_RESTART_CANDIDATES} candidates")
             try:
                 candidate = Candidate.from_sdp(line.strip())
             except (ValueError, IndexError) as exc:
-                raise IceRestartRefused(400, f"a candidate does not parse: {line[:200]!r} ({exc})") from None
+                raise MoveRefused(400, f"a candidate does not parse: {line[:200]!r} ({exc})") from None
             if candidate.transport.lower() == "udp" and candidate.component == 1:
                 candidates.append(candidate)
         return cls(IceCredentials(ufrag, pwd), candidates)

@@ -155,7 +155,6 @@ class CallSession(MediaWatch, CallMoves):
         self._playing = False
         self._restart: ReOffer | None = None  # the caller's latest ICE restart, once there is one
         self._local_ice: ice_compat.IceCredentials | None = None  # the server's, after that restart
-        self._restart_pending = False  # a restart not yet recorded as a move (server.media.call_moves)
         if call.prompt is not None:
             self._spawn(self._announce_prompt())
         self.pc = self._new_peer()
@@ -296,7 +295,7 @@ class CallSession(MediaWatch, CallMoves):
 
     def _media_path(self) -> str:
         """`relay` when the nominated ICE pair goes through TURN on either side, else `direct`."""
-        kinds = aiortc_compat.nominated_candidate_types(self.pc)
+        kinds = ice_compat.nominated_candidate_types(self.pc)
         if kinds is None:
             return "unknown"
         return "relay" if "relay" in kinds else "direct"
