@@ -16,12 +16,15 @@ from aioice import stun
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from conftest import start_server, stop_server
 from net_relay import UdpRelay
+from test_audio_receive import PACKETS, receiver
 from test_call_e2e import tone
 
 from server.engine.setup import create_engine
 from server.media import aiortc_compat, ice_compat
 from server.media.audio_out import OutboundAudioTrack
+from server.media.handover import Handovers
 from server.media.ice_restart import sdp_ice_credentials
+from server.media.media_watch import MediaWatch
 from server.model.source import ModelSource
 from signaling.app import SignalingConfig
 
@@ -326,3 +329,36 @@ async def test_resumes_and_restarts_reach_the_calls_media_worker_past_a_full_ser
             await caller.pc.close()
         relay.close()
         await stop_front(front)
+
+
+class _Watched(MediaWatch):
+    """What the media watch reads of a call: its receive path (on a manual clock), its moves, its timeout."""
+
+    def __init__(self, receiver, handovers: Handovers):
+        self.receiver, self.handovers, self.media_timeout = receiver, handovers, 5.0
+
+
+async def test_a_caller_back_from_away_is_judged_from_its_return_not_by_its_packets_from_before():
+    """A caller comes back after 15 s away; the watch looks 50 ms later, with only a few packets since. Those
+    and the packets from before the absence must not read as a sparse stream (found in review: a call
+    ended as `sparse_media` right after its caller returned); a stream of a packet now and then still does."""
+    rx, _, clock = receiver()
+    handovers = Handovers(window_s=30.0, on_expired=lambda why: None)
+    watch = _Watched(rx, handovers)
+    needed = 5
+    for i, payload in enumerate(PACKETS[:50]):  # a second of audio, then the caller is gone
+        clock.advance_to(0.02 * i)
+        rx.on_packet(1, i, 960 * i, payload)
+    handovers.go_away("no audio", rx.last_packet_at)
+    watching_since = 15.0  # the watch's last look while the caller was away
+    clock.advance_to(20.0)
+    handovers.came_back(clock.time(), "returned")
+    for i, payload in enumerate(PACKETS[50:53], start=50):
+        rx.on_packet(1, i, 960 * i, payload)
+        clock.advance_to(clock.time() + 0.02)
+    try:
+        assert watch._deadline(watching_since, needed, clock.time()) == pytest.approx(20.0 + 5.0)
+        sparse = Handovers(window_s=30.0, on_expired=lambda why: None)  # the same packets, never away
+        assert _Watched(rx, sparse)._deadline(watching_since, needed, clock.time()) < clock.time()
+    finally:
+        handovers.close()

@@ -54,6 +54,7 @@ class Handovers:
         self.on_move = on_move
         self.away_since: float | None = None  # loop time of the caller's last packet before it went away
         self.away_why: str | None = None
+        self.back_at = float("-inf")  # loop time at which the caller last came back
         self.moves: list[Move] = []
         self.counts = dict.fromkeys(MOVES, 0)
         self.refused = 0  # resume or restart requests with a wrong token
@@ -89,6 +90,7 @@ class Handovers:
             return None
         move = Move(kind, max(0.0, now - self.away_since))
         self.away_since = self.away_why = None
+        self.back_at = now
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -47,11 +47,7 @@ class MediaWatch:
         try:
             while not self._ending:  # checked every turn: a cancel racing a result can be lost in wait_for
                 now = loop.time()
-                if self.handovers.away:
-                    watching_since = now  # back from away: a stream from now on
-                    deadline = now + self.media_timeout
-                else:
-                    deadline = self._media_deadline(watching_since, needed)
+                deadline = self._deadline(watching_since, needed, now)
                 if now >= deadline:
                     cause, cause_kind = self._no_live_stream(now, needed)
                     if cause_kind == "no_media" and self._may_wait_for_caller():
@@ -75,6 +71,14 @@ class MediaWatch:
             self._lost(*failure)
         else:
             self._spawn(self.hang_up(reason, kind=kind))
+
+    def _deadline(self, watching_since: float, needed: int, now: float) -> float:
+        """When the watch looks again (away: the caller's return is what it waits for) or ends the call. A
+        caller back from away is a stream from its return: the packets from before its absence do not make
+        its first few look sparse."""
+        if self.handovers.away:
+            return now + self.media_timeout
+        return self._media_deadline(max(watching_since, self.handovers.back_at), needed)
 
     def _media_deadline(self, watching_since: float, needed: int) -> float:
         """When the call ends unless more packets come. While the latest `needed` packets came at a live rate,
