@@ -29,6 +29,7 @@ import pytest
 import torch
 from conftest import noise_frames, tone_frames
 
+from server.model.kv_compat import KvOptions
 from server.model.moshi_step import GREEDY, MoshiStepper, SamplingConfig
 from server.model.persona import Persona, PromptPlan
 from server.model.persona_step import PersonaStepper, VoiceOptions, synthetic_voices
@@ -45,6 +46,8 @@ pytestmark = pytest.mark.skipif(
 BATCH = 4
 MODELS = {"moshiko": "random-moshiko", "personaplex": "random-personaplex"}
 TINY = {"moshiko": "tiny", "personaplex": "tiny-persona"}
+# Today's cache (moshi's own), attention over the filled window, and the window over int8 storage.
+KV = {"ring": KvOptions(), "window": KvOptions(window=True), "window-int8": KvOptions(window=True, storage="int8")}
 
 
 @pytest.fixture(scope="class", params=["moshiko", "personaplex"])
@@ -76,23 +79,30 @@ def graph_replays(monkeypatch) -> list[int]:
     return count
 
 
-def make_stepper(model: LoadedModel, sampling: SamplingConfig, stepper_class: type | None = None) -> MoshiStepper:
+def make_stepper(
+    model: LoadedModel, sampling: SamplingConfig, stepper_class: type | None = None, kv: KvOptions = KV["ring"]
+) -> MoshiStepper:
     persona = model.lm.n_q == model.lm.dep_q
     cls = stepper_class or (PersonaStepper if persona else MoshiStepper)
     if persona:
-        stepper = cls(model, BATCH, sampling, voices=VoiceOptions(synthetic=synthetic_voices()))
+        stepper = cls(model, BATCH, sampling, voices=VoiceOptions(synthetic=synthetic_voices()), kv=kv)
     else:
-        stepper = cls(model, BATCH, sampling)
+        stepper = cls(model, BATCH, sampling, kv=kv)
     stepper.warm_up()
     return stepper
 
 
+@pytest.fixture(params=list(KV))
+def kv(request) -> KvOptions:
+    return KV[request.param]
+
+
 @pytest.fixture
-def stepper_for(model):
+def stepper_for(model, kv):
     made: list[MoshiStepper] = []
 
     def build(sampling: SamplingConfig = GREEDY, stepper_class: type | None = None) -> MoshiStepper:
-        made.append(make_stepper(model, sampling, stepper_class))
+        made.append(make_stepper(model, sampling, stepper_class, kv))
         return made[-1]
 
     yield build
@@ -257,6 +267,29 @@ class TestOnCuda:
         neighbour_a = run(stepper, [Call(1, noise_frames(3, 16), seed=5), Call(0, mine, seed=42)])[0]
         neighbour_b = run(stepper, [Call(1, noise_frames(3, 16), seed=5), Call(0, mine, seed=43)])[0]
         assert same(neighbour_a, neighbour_b)
+
+    def test_the_window_equals_the_whole_ring_across_window_lengths(self, model, kv):
+        """Long enough to change window length (the ring wraps on the tiny model): the same outputs as
+        moshi's whole-ring cache, under the same kv storage."""
+        if not kv.window:
+            pytest.skip("the whole ring is the reference")
+        ring = 3000 if not ON_CPU else 100
+        frames = 200 if not ON_CPU else 120  # past the first window length (188 of 3000), past the tiny ring
+        assert model.lm.transformer.layers[0].self_attn.context == ring
+        calls = [Call(0, noise_frames(21, frames)), Call(2, tone_frames(250, frames - 9), start=9,
+                                                         idle=lambda step: step % 3 == 0)]
+        outputs = {}
+        for name, options in (("whole", replace(kv, window=False)), ("window", kv)):
+            stepper = make_stepper(model, GREEDY, kv=options)
+            try:
+                outputs[name] = run(stepper, calls)
+                if options.window:
+                    assert len(stepper.kv_window.used) >= 2
+            finally:
+                stepper.close()
+        for whole, window in zip(outputs["whole"], outputs["window"], strict=True):
+            assert_clean(window)
+            assert same(whole, window)
 
     @pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig()], ids=["greedy", "sampling"])
     def test_masked_rows_never_reach_an_embedding(self, stepper_for, sampling):

@@ -31,7 +31,7 @@ from moshi.models.lm import LMGen
 from moshi.modules.streaming import StreamingModule
 from moshi.run_inference import get_condition_tensors
 
-from . import sampling
+from . import kv_compat, sampling
 from .check import ModelMismatch, check_layout, read_layout
 from .source import LoadedModel
 from .stepper import ModelInfo, NoPrompts, SlotOutput
@@ -78,6 +78,7 @@ class MoshiStepper(NoPrompts):
         sampling_config: SamplingConfig = SamplingConfig(),  # noqa: B008 - frozen dataclass
         sample_rate: int = 24000,
         frame_size: int | None = None,
+        kv: kv_compat.KvOptions = kv_compat.KvOptions(),  # noqa: B008 - frozen dataclass
     ):
         self.layout = read_layout(model.mimi, model.lm, model.text_tokenizer)
         log.info("model %s: %s", model.name, self.layout.describe())
@@ -103,6 +104,8 @@ class MoshiStepper(NoPrompts):
             layout=self.layout.describe(),
         )
         lm = model.lm
+        self.kv = kv
+        self.kv_window = kv_compat.KvWindow(batch_size, kv_compat.main_capacity(lm), enabled=kv.window)
         gen_kwargs = sampling_config.lm_gen_kwargs(model.lm_gen_config)
         self.generator = self._make_generator(model, gen_kwargs)
         self.noise: sampling.SlotNoise | None = None
@@ -127,7 +130,13 @@ class MoshiStepper(NoPrompts):
         self._streaming = contextlib.ExitStack()
         try:
             self._streaming.enter_context(self.mimi.streaming(batch_size))
-            self._streaming.enter_context(self.generator.streaming(batch_size))
+            if kv == kv_compat.KvOptions():
+                self._streaming.enter_context(self.generator.streaming(batch_size))  # moshi's own caches
+            else:
+                log.info("%s", kv.describe())
+                with kv_compat.building_caches(self.kv_window, kv.storage):
+                    self._streaming.enter_context(self.generator.streaming(batch_size))
+                self._graph_by_window()
         except BaseException:
             self._streaming.close()
             raise
@@ -141,6 +150,10 @@ class MoshiStepper(NoPrompts):
             ),
             **gen_kwargs,
         )
+
+    def _graph_by_window(self) -> None:
+        if self.kv.window:
+            kv_compat.graph_main_by_window(self.generator, self.kv_window)
 
     def close(self) -> None:
         """Leave streaming mode, so the same model objects can be used again (benchmarks, tests)."""
@@ -157,6 +170,7 @@ class MoshiStepper(NoPrompts):
         mask = self._mask(rows)
         self.mimi.reset_streaming(mask)
         self.generator.reset_streaming(mask)
+        self.kv_window.reset(rows)
         self._frames_seen[rows] = 0
         if self.noise is not None:
             for slot, seed in zip(slots, seeds, strict=True):
@@ -180,8 +194,10 @@ class MoshiStepper(NoPrompts):
     ) -> torch.Tensor:
         """One LM step for `rows` and `prompt_rows`; returns `[B, 1 + model_codebooks]` tokens."""
         self.generator.set_exec_mask(self._mask(rows))
+        self.kv_window.begin(rows)
         with self._sampling_noise(rows):
             tokens = self.generator.step(user_codes)
+        self.kv_window.end(rows)
         if tokens is None:
             raise RuntimeError("LMGen returned no tokens although it supports out-of-sync slots")
         return tokens[:, :, 0]
@@ -251,6 +267,12 @@ class MoshiStepper(NoPrompts):
         silence = np.zeros((self.batch_size, self.frame_size), dtype=np.float32)
         for _ in range(steps):
             self.step(silence, rows)
+        # A windowed cache reads a different length per bucket, and each length is its own CUDA graph:
+        # two steps at each (the first runs eagerly, the second captures) so no call waits for a capture.
+        for length in self.kv_window.buckets[1:] if self.kv_window.enabled else []:
+            with self.kv_window.at_least(length):
+                for _ in range(2):
+                    self.step(silence, rows)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.reset_slots(all_slots, all_slots)

@@ -38,6 +38,7 @@ from moshi.modules.streaming import State, StreamingModule
 from moshi.utils.compile import CUDAGraphed
 
 from . import moshi_compat, sampling
+from .kv_compat import GraphsByWindow, KvWindow
 
 UNGENERATED = -2
 
@@ -49,7 +50,7 @@ class _PersonaGenState(State):
     initial: torch.Tensor  # [1, K, 1] moshi's start-of-sequence tokens
     offsets: torch.Tensor  # [B] frames seen per slot
     offsets_host: np.ndarray  # the same, on the host, to decide which rows run
-    graphed_backbone: CUDAGraphed
+    graphed_backbone: CUDAGraphed | GraphsByWindow
     graphed_depth: CUDAGraphed
     no_embedding: torch.Tensor  # [B, 1, dim] zeros and an all-False row mask: steps that replace nothing
     no_embedding_rows: torch.Tensor
@@ -83,6 +84,7 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
         temp_text: float = 0.7,
         top_k: int = 250,
         top_k_text: int = 25,
+        window: KvWindow | None = None,
     ):
         assert not lm.training, "generation runs in eval mode"
         if lm.n_q != lm.dep_q or lm.dep_q % 2:
@@ -99,6 +101,8 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
         self.max_delay = max(lm.delays)
         # Two more than the largest delay: the backbone reads one frame behind the newest write.
         self.cache_length = self.max_delay + 3
+        # The host's count of the backbone's filled KV entries; a windowed one reads only those.
+        self.window = window
         # Set to record backbone input embeddings (eager steps only): how precomputed voices are made.
         self.embedding_tap: Callable[[torch.Tensor], None] | None = None
 
@@ -118,7 +122,9 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
             initial=moshi_compat.initial_token(lm),
             offsets=torch.zeros(batch_size, device=lm.device, dtype=torch.long),
             offsets_host=np.zeros(batch_size, dtype=np.int64),
-            graphed_backbone=CUDAGraphed(self._backbone, disable=not on_cuda),
+            graphed_backbone=(GraphsByWindow(self._backbone, self.window, disable=not on_cuda)
+                              if self.window is not None and self.window.enabled
+                              else CUDAGraphed(self._backbone, disable=not on_cuda)),
             graphed_depth=CUDAGraphed(self._depth, disable=not on_cuda),
             no_embedding=torch.zeros(batch_size, 1, lm.dim, device=lm.device, dtype=lm.dtype),
             no_embedding_rows=torch.zeros(batch_size, dtype=torch.bool, device=lm.device),
@@ -209,7 +215,11 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
         running_host = executing_host & (state.offsets_host > 0)
         out = torch.full((batch, channels), UNGENERATED, device=given.device, dtype=torch.long)
         if running_host.any():
+            if self.window is not None:
+                self.window.begin(running_host)
             out = self._predict(state, torch.from_numpy(running_host).to(given.device), embedding, embedding_rows)
+            if self.window is not None:
+                self.window.end(running_host)
         state.offsets[:] = torch.where(executing, offsets + 1, offsets)
         state.offsets_host[executing_host] += 1
         return out

@@ -25,6 +25,7 @@ import torch
 
 from ..audio.inbound import read_audio_file
 from .check import ModelLayout, ModelMismatch, check_layout, read_layout
+from .kv_compat import KvOptions
 from .moshi_step import MoshiStepper, SamplingConfig
 from .persona import (
     PERSONAPLEX_SILENCE_CODES,
@@ -77,6 +78,7 @@ class PersonaStepper(MoshiStepper):
         sample_rate: int = 24000,
         frame_size: int | None = None,
         voices: VoiceOptions = VoiceOptions(),  # noqa: B008 - frozen dataclass
+        kv: KvOptions = KvOptions(),  # noqa: B008 - frozen dataclass
     ):
         layout = read_layout(model.mimi, model.lm, model.text_tokenizer)
         check_layout(layout, sample_rate=sample_rate, frame_size=frame_size)
@@ -84,13 +86,16 @@ class PersonaStepper(MoshiStepper):
             raise ModelMismatch(f"{model.name} is a {layout.kind} model, not a PersonaPlex layout (n_q == dep_q)")
         # Voices are encoded before Mimi starts streaming for the slots.
         self.prompt_book = build_prompt_book(model, layout, voices)
-        super().__init__(model, batch_size, sampling_config, sample_rate, frame_size)
+        super().__init__(model, batch_size, sampling_config, sample_rate, frame_size, kv)
         self._runs: list[_PromptRun | None] = [None] * batch_size
         log.info("persona model: %d voices (%s), default voice %s", len(self.prompt_book.voices),
                  ", ".join(sorted(self.prompt_book.voices)) or "none", self.prompt_book.default_voice)
 
     def _make_generator(self, model: LoadedModel, gen_kwargs: dict) -> PersonaGen:
-        return PersonaGen(model.lm, **gen_kwargs)
+        return PersonaGen(model.lm, **gen_kwargs, window=self.kv_window)
+
+    def _graph_by_window(self) -> None:
+        pass  # PersonaGen graphs its backbone per window length itself
 
     # -- prompts ---------------------------------------------------------------------------
 
