@@ -12,6 +12,7 @@ import wave
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from server.caller import write_wav
 
@@ -24,12 +25,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_serve_and_call_from_the_command_line(tmp_path):
+@pytest.mark.parametrize("kv_options", [[], ["--kv-window", "--kv-cache", "int8"]], ids=["defaults", "kv-options"])
+def test_serve_and_call_from_the_command_line(tmp_path, kv_options):
     port = free_port()
     env = dict(os.environ, NO_TORCH_COMPILE="1")
     server = subprocess.Popen(
         [str(BIN), "serve", "--model", "tiny", "--port", str(port), "--max-calls", "2",
-         "--ice-host-address", "127.0.0.1"],
+         "--ice-host-address", "127.0.0.1", *kv_options],
         stderr=subprocess.PIPE, text=True, env=env,
     )
     try:
@@ -42,6 +44,10 @@ def test_serve_and_call_from_the_command_line(tmp_path):
         # Keep reading the server's log, or a full pipe would block it mid-call.
         threading.Thread(target=lambda: [banner.append(line) for line in server.stderr], daemon=True).start()
         assert "TEST MODEL" in text and "babbles" in text and "ready for 2 calls" in text
+        if kv_options:
+            assert "KV cache: int8 storage, attention over the filled window" in text
+        else:
+            assert "KV cache" not in text  # moshi's own cache, untouched
 
         t = np.arange(int(1.5 * 48000)) / 48000
         write_wav(tmp_path / "in.wav", (0.1 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 48000)

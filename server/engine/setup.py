@@ -15,6 +15,7 @@ import torch
 from ..model import moshi_compat
 from ..model.check import default_device, default_dtype, read_layout
 from ..model.echo_step import EchoStepper
+from ..model.kv_compat import KvOptions
 from ..model.moshi_step import MoshiStepper, SamplingConfig
 from ..model.persona_step import PersonaStepper, VoiceOptions, synthetic_voices
 from ..model.source import ModelSource, load_model
@@ -36,10 +37,12 @@ def build_stepper(
     echo_delay_frames: int = 1,
     cpu_threads: int | None = None,
     voices: VoiceOptions | None = None,
+    kv: KvOptions | None = None,
 ) -> Stepper:
     """`cpu_threads`: torch threads for a CPU model; leave a core to the event loop, which runs
     every call's Opus, SRTP and pacing (see docs/BENCHMARKS.md).
-    `voices`: the voice library of a PersonaPlex-style model; refused for a model that takes none."""
+    `voices`: the voice library of a PersonaPlex-style model; refused for a model that takes none.
+    `kv`: how the LM keeps and reads its KV cache (server.model.kv_compat); the echo engine has none."""
     if max_calls < 1:
         raise ValueError("max_calls must be at least 1")
     if source.is_echo:
@@ -57,11 +60,11 @@ def build_stepper(
         if voices is None:
             voices = VoiceOptions(synthetic=synthetic_voices(SAMPLE_RATE) if model.is_test_model else None)
         return PersonaStepper(model, max_calls, sampling or SamplingConfig(), sample_rate=SAMPLE_RATE,
-                              frame_size=frame_size, voices=voices)
+                              frame_size=frame_size, voices=voices, kv=kv or KvOptions())
     if voices is not None:
         raise ValueError(f"{model.name} is a {layout.kind} model: it takes no persona, so voices cannot be used")
     return MoshiStepper(model, max_calls, sampling or SamplingConfig(), sample_rate=SAMPLE_RATE,
-                        frame_size=frame_size)
+                        frame_size=frame_size, kv=kv or KvOptions())
 
 
 def create_engine(source: ModelSource, max_calls: int = 1, max_backlog_frames: int = 3, **options) -> Engine:
