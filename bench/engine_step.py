@@ -6,6 +6,9 @@
                                                  # bf16 + CUDA graphs, batch 1..64 as memory allows
     ./run bench engine_step --real-size --persona            # PersonaPlex's (dep_q 16), + prompt replay speed
     ./run bench engine_step --real-size --profile 16         # where one step's time goes, at batch 16
+    ./run bench engine_step --real-size --kv ring,window,window-int8 --ages 0,3000
+                                                 # the KV cache options side by side, fresh calls and calls
+                                                 # past four minutes (every slot's ring full)
 
 Every slot sends a frame at every step (the worst case). Step times are
 measured around `MoshiStepper.step`, which returns host numpy audio, so GPU
@@ -37,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from server.model.check import read_layout  # noqa: E402
+from server.model.kv_compat import KvOptions, age_slots, kv_bytes_per_slot  # noqa: E402
 from server.model.moshi_step import MoshiStepper, SamplingConfig  # noqa: E402
 from server.model.persona_step import PersonaStepper, VoiceOptions, synthetic_voices  # noqa: E402
 from server.model.random_model import RANDOM_MOSHIKO, RANDOM_PERSONAPLEX, build_random_model  # noqa: E402
@@ -45,25 +49,27 @@ from server.model.source import LoadedModel, ModelSource, load_model  # noqa: E4
 FRAME_MS = 80.0
 HEADROOM_MS = 60.0
 GIB = 2**30
+KV_VARIANTS = {
+    "ring": KvOptions(),  # moshi's own cache: the whole ring in the model's dtype (today)
+    "window": KvOptions(window=True),
+    "int8": KvOptions(storage="int8"),
+    "window-int8": KvOptions(window=True, storage="int8"),
+    "fp8": KvOptions(storage="fp8"),
+    "window-fp8": KvOptions(window=True, storage="fp8"),
+}
 
 
 def stepper_class(model: LoadedModel) -> type[MoshiStepper]:
     return PersonaStepper if read_layout(model.mimi, model.lm, model.text_tokenizer).takes_persona else MoshiStepper
 
 
-def make_stepper(model: LoadedModel, batch: int, cls: type[MoshiStepper] | None = None) -> MoshiStepper:
+def make_stepper(
+    model: LoadedModel, batch: int, cls: type[MoshiStepper] | None = None, kv: KvOptions = KV_VARIANTS["ring"]
+) -> MoshiStepper:
     cls = cls or stepper_class(model)
     if issubclass(cls, PersonaStepper):
-        return cls(model, batch, SamplingConfig(), voices=VoiceOptions(synthetic=synthetic_voices()))
-    return cls(model, batch, SamplingConfig())
-
-
-def kv_cache_bytes_per_slot(model: LoadedModel) -> int:
-    """The LM's streaming KV cache for one slot: layers x (K and V) x dim x context x bytes per value."""
-    lm = model.lm
-    layers = len(lm.transformer.layers)
-    context = lm.transformer.layers[0].self_attn.context
-    return layers * 2 * lm.dim * context * torch.finfo(lm.dtype).bits // 8
+        return cls(model, batch, SamplingConfig(), voices=VoiceOptions(synthetic=synthetic_voices()), kv=kv)
+    return cls(model, batch, SamplingConfig(), kv=kv)
 
 
 def free_device_memory() -> None:
@@ -87,16 +93,22 @@ def timed_steps(stepper: MoshiStepper, rows: np.ndarray, rng: np.random.Generato
     return times
 
 
-def time_batch(model: LoadedModel, batch: int, steps: int, warmup: int, busy: bool = False) -> dict:
+def time_batch(model: LoadedModel, batch: int, steps: int, warmup: int, busy: bool = False,
+               kv: str = "ring", age: int = 0) -> dict:
+    """`kv`: a KV_VARIANTS name; `age`: frames every slot has already been in its call (a windowed cache
+    reads more of an older ring; moshi's whole ring costs the same at any age)."""
     on_cuda = model.lm.device.type == "cuda"
     if on_cuda:
         torch.cuda.reset_peak_memory_stats()
-    stepper = make_stepper(model, batch)
+    stepper = make_stepper(model, batch, kv=KV_VARIANTS[kv])
     try:
         stepper.warm_up()
         rng = np.random.default_rng(0)
         rows = np.ones(batch, dtype=bool)
         stepper.reset_slots(list(range(batch)), list(range(batch)))
+        if age and KV_VARIANTS[kv] != KV_VARIANTS["ring"]:
+            age_slots(model.lm, stepper.kv_window, age)
+        kv_bytes = kv_bytes_per_slot(model.lm)
         with busy_thread(busy):
             timed_steps(stepper, rows, rng, warmup)
             times = timed_steps(stepper, rows, rng, steps)
@@ -106,6 +118,9 @@ def time_batch(model: LoadedModel, batch: int, steps: int, warmup: int, busy: bo
     median = statistics.median(times)
     result = {
         "batch": batch,
+        "kv": kv,
+        "age_frames": age,
+        "kv_gib_per_slot": round(kv_bytes / GIB, 3),
         "median_ms": round(median, 2),
         "p99_ms": round(times[min(len(times) - 1, int(0.99 * len(times)))], 2),
         "max_ms": round(times[-1], 2),
@@ -356,6 +371,10 @@ def main() -> None:
                              "event loop: what sharing the GIL costs the inference thread")
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="Python's GIL switch interval (default 5 ms)")
+    parser.add_argument("--kv", default="ring",
+                        help=f"KV cache variants, side by side per batch: {', '.join(KV_VARIANTS)}")
+    parser.add_argument("--ages", default="0", help="frames every slot is into its call, e.g. 0,3000 (3000: a full "
+                                                    "ring, a call past four minutes); moshi's ring runs once")
     args = parser.parse_args()
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
@@ -383,7 +402,7 @@ def main() -> None:
             "steps": args.steps,
             "busy_thread": args.busy_thread,
             "switch_interval_ms": 1000 * sys.getswitchinterval(),
-            "kv_cache_gib_per_slot": round(kv_cache_bytes_per_slot(model) / GIB, 3),
+            "kv_cache_gib_per_slot": round(kv_bytes_per_slot(model.lm) / GIB, 3),  # moshi's ring
         }
         if device.type == "cuda":
             header["weights_gib"] = round(torch.cuda.memory_allocated(device) / GIB, 2)
@@ -394,17 +413,31 @@ def main() -> None:
             print(json.dumps(profile(model, args.profile, args.steps)), flush=True)
             return
 
+        variants = [(kv, age) for kv in args.kv.split(",") for age in
+                    ([0] if kv == "ring" else [int(a) for a in args.ages.split(",")])]
+        unknown = {kv for kv, _ in variants} - set(KV_VARIANTS)
+        if unknown:
+            parser.error(f"unknown --kv {', '.join(sorted(unknown))}")
         results = []
+        out_of_memory: set[tuple[str, int]] = set()
         for batch in batches:
-            try:
-                results.append(time_batch(model, batch, args.steps, args.warmup, args.busy_thread))
-            except torch.OutOfMemoryError as exc:
-                print(json.dumps({"batch": batch, "out_of_memory": str(exc).splitlines()[0][:200]}), flush=True)
+            for kv, age in variants:  # side by side at each batch: machines drift
+                if (kv, age) in out_of_memory:
+                    continue
+                try:
+                    results.append(time_batch(model, batch, args.steps, args.warmup, args.busy_thread, kv, age))
+                except torch.OutOfMemoryError as exc:
+                    print(json.dumps({"batch": batch, "kv": kv, "age_frames": age,
+                                      "out_of_memory": str(exc).splitlines()[0][:200]}), flush=True)
+                    out_of_memory.add((kv, age))
+                    free_device_memory()
+                    continue
+                print(json.dumps(results[-1]), flush=True)
                 free_device_memory()
-                break
-            print(json.dumps(results[-1]), flush=True)
-            free_device_memory()
-        summary = capacity_summary(results, header)
+        summary = {f"{kv} age {age}": capacity_summary([r for r in results if (r["kv"], r["age_frames"]) == (kv, age)],
+                                                       header)
+                   for kv, age in variants}
+        summary["median_vs_ring"] = ratios_to_ring(results)
         if args.persona:
             for batch in [int(b) for b in args.prompt_batches.split(",")]:
                 try:
@@ -415,6 +448,13 @@ def main() -> None:
         print(json.dumps(summary), flush=True)
 
 
+def ratios_to_ring(results: list[dict]) -> dict:
+    """Each variant's median step over moshi's ring at the same batch, in the same run."""
+    ring = {r["batch"]: r["median_ms"] for r in results if r["kv"] == "ring"}
+    return {f'{r["kv"]} age {r["age_frames"]} batch {r["batch"]}': round(r["median_ms"] / ring[r["batch"]], 3)
+            for r in results if r["kv"] != "ring" and r["batch"] in ring}
+
+
 def capacity_summary(results: list[dict], header: dict) -> dict:
     within = [r["batch"] for r in results if r["p99_ms"] < HEADROOM_MS]
     within_frame = [r["batch"] for r in results if r["p99_ms"] < FRAME_MS]
@@ -423,12 +463,12 @@ def capacity_summary(results: list[dict], header: dict) -> dict:
         "largest_batch_p99_under_80ms": max(within_frame) if within_frame else 0,
         "vs_batch_1": f"{max(within)}x the calls of batch 1 (the official server's only mode)" if within else None,
     }
-    if "weights_gib" in header and results:
+    if "weights_gib" in header and results and "gpu_peak_gib" in results[-1]:
         largest = results[-1]
         per_slot = (largest["gpu_peak_gib"] - header["weights_gib"]) / largest["batch"]
         summary["measured_gib_per_slot"] = round(per_slot, 3)
         summary["slots_that_fit_by_kv_estimate"] = int((header["gpu_total_gib"] - header["weights_gib"])
-                                                       // header["kv_cache_gib_per_slot"])
+                                                       // largest["kv_gib_per_slot"])
         summary["slots_that_fit_by_measured_per_slot"] = int((header["gpu_total_gib"] - header["weights_gib"])
                                                              // per_slot) if per_slot > 0 else None
     return summary

@@ -105,6 +105,9 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
         self.window = window
         # Set to record backbone input embeddings (eager steps only): how precomputed voices are made.
         self.embedding_tap: Callable[[torch.Tensor], None] | None = None
+        # Set to see each step's text logits [B, 1, 1, text_card] and the model's own choices [B, K] before a
+        # provided token replaces them (benchmarks compare KV cache storages this way).
+        self.step_tap: Callable[[torch.Tensor, torch.Tensor], None] | None = None
 
     @property
     def num_channels(self) -> int:
@@ -253,6 +256,8 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
 
         # Store samples where nothing was provided; the source position is used up.
         sampled = torch.cat([text_sample[:, None], audio], dim=1)
+        if self.step_tap is not None:
+            self.step_tap(text_logits, sampled)
         keep = target_given | ~running[:, None]
         state.cache.scatter_(2, target, torch.where(keep, targets, sampled)[:, :, None])
         state.provided.scatter_(2, source, (state.provided.gather(2, source) & ~running[:, None, None]))
