@@ -51,11 +51,13 @@ HEADROOM_MS = 60.0
 GIB = 2**30
 KV_VARIANTS = {
     "ring": KvOptions(),  # moshi's own cache: the whole ring in the model's dtype (today)
-    "window": KvOptions(window=True),
+    "window": KvOptions("window"),
+    "fused": KvOptions("fused"),
     "int8": KvOptions(storage="int8"),
-    "window-int8": KvOptions(window=True, storage="int8"),
+    "window-int8": KvOptions("window", "int8"),
+    "fused-int8": KvOptions("fused", "int8"),
     "fp8": KvOptions(storage="fp8"),
-    "window-fp8": KvOptions(window=True, storage="fp8"),
+    "window-fp8": KvOptions("window", "fp8"),
 }
 
 

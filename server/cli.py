@@ -73,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--temp-text", type=float, help="text sampling temperature (default 0.7)")
     serve.add_argument("--top-k", type=int, help="audio top-k (default 250)")
     serve.add_argument("--top-k-text", type=int, help="text top-k (default 25)")
-    serve.add_argument("--kv-window", action="store_true",
-                       help="the LM's attention reads only the filled part of each call's 4-minute KV ring (same "
-                            "output, less GPU time for calls younger than 4 minutes; one CUDA graph per length)")
+    serve.add_argument("--kv-attention", choices=["ring", "window", "fused"], default="ring",
+                       help="how the LM's attention reads each call's 4-minute KV ring: all of it (moshi's, the "
+                            "default); window: only the filled part, a CUDA graph per length (same output); fused: "
+                            "our kernel, each call over its own filled entries, int8 read as stored")
     serve.add_argument("--kv-cache", choices=["model", "int8", "fp8"], default="model",
                        help="KV cache storage: the model's dtype (default), int8 with a scale per head and entry "
                             "(half the memory per call, logits close to bf16), or fp8 e4m3 (half, coarser)")
@@ -194,7 +195,7 @@ def _engine_for(args: argparse.Namespace, model: str):
                               top_k=args.top_k, top_k_text=args.top_k_text)
     return create_engine(source, max_calls=args.max_calls, max_backlog_frames=args.max_backlog_frames,
                          device=args.device, sampling=sampling, cpu_threads=args.cpu_threads,
-                         voices=_voice_options(args, model), kv=KvOptions(window=args.kv_window, storage=args.kv_cache))
+                         voices=_voice_options(args, model), kv=KvOptions(args.kv_attention, args.kv_cache))
 
 
 def _voice_options(args: argparse.Namespace, model: str):

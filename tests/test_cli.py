@@ -25,7 +25,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("kv_options", [[], ["--kv-window", "--kv-cache", "int8"]], ids=["defaults", "kv-options"])
+@pytest.mark.parametrize("kv_options", [[], ["--kv-attention", "fused", "--kv-cache", "int8"]],
+                         ids=["defaults", "kv-options"])
 def test_serve_and_call_from_the_command_line(tmp_path, kv_options):
     port = free_port()
     env = dict(os.environ, NO_TORCH_COMPILE="1")
@@ -45,7 +46,7 @@ def test_serve_and_call_from_the_command_line(tmp_path, kv_options):
         threading.Thread(target=lambda: [banner.append(line) for line in server.stderr], daemon=True).start()
         assert "TEST MODEL" in text and "babbles" in text and "ready for 2 calls" in text
         if kv_options:
-            assert "KV cache: int8 storage, attention over the filled window" in text
+            assert "KV cache: int8 storage, attention over each call's own filled entries (fused kernel)" in text
         else:
             assert "KV cache" not in text  # moshi's own cache, untouched
 

@@ -46,8 +46,9 @@ pytestmark = pytest.mark.skipif(
 BATCH = 4
 MODELS = {"moshiko": "random-moshiko", "personaplex": "random-personaplex"}
 TINY = {"moshiko": "tiny", "personaplex": "tiny-persona"}
-# Today's cache (moshi's own), attention over the filled window, and the window over int8 storage.
-KV = {"ring": KvOptions(), "window": KvOptions(window=True), "window-int8": KvOptions(window=True, storage="int8")}
+# Today's cache (moshi's own), the window (moshi's attention, fewer entries) in bf16 and int8, our fused kernel.
+KV = {"ring": KvOptions(), "window": KvOptions("window"), "window-int8": KvOptions("window", "int8"),
+      "fused-int8": KvOptions("fused", "int8")}
 
 
 @pytest.fixture(scope="class", params=["moshiko", "personaplex"])
@@ -279,7 +280,7 @@ class TestOnCuda:
         calls = [Call(0, noise_frames(21, frames)), Call(2, tone_frames(250, frames - 9), start=9,
                                                          idle=lambda step: step % 3 == 0)]
         outputs = {}
-        for name, options in (("whole", replace(kv, window=False)), ("window", kv)):
+        for name, options in (("whole", replace(kv, attention="ring")), ("window", kv)):
             stepper = make_stepper(model, GREEDY, kv=options)
             try:
                 outputs[name] = run(stepper, calls)

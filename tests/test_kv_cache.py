@@ -9,11 +9,13 @@ MOSHI_WEBRTC_GPU_TESTS_ON_CPU=1, here.
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
 
-from server.model import kv_compat
+from server.model import decode_attention, kv_compat
 from server.model.kv_compat import KvOptions, KvWindow, kv_bytes_per_slot, window_buckets, windowed_caches
 from server.model.moshi_step import GREEDY, MoshiStepper
 from server.model.persona_step import PersonaStepper, VoiceOptions, synthetic_voices
@@ -87,7 +89,7 @@ def test_the_window_changes_nothing_but_what_attention_reads(model):
     expected = drive(reference)
     reference.close()
 
-    windowed = make(model, KvOptions(window=True))
+    windowed = make(model, KvOptions("window"))
     lengths: list[int] = []
     original_begin = windowed.kv_window.begin
 
@@ -113,7 +115,7 @@ def test_the_window_changes_nothing_but_what_attention_reads(model):
 
 
 def test_warm_up_uses_every_window_length(model):
-    stepper = make(model, KvOptions(window=True))
+    stepper = make(model, KvOptions("window"))
     stepper.warm_up()
     try:
         assert stepper.kv_window.used == set(stepper.kv_window.buckets)
@@ -163,3 +165,79 @@ def test_int8_logits_stay_close_to_the_model_dtype():
     # Measured: int8 with its scales 0.009 of the logits' spread; fp8 e4m3 (no scales) parts paths at once.
     assert 0 < median_error["int8"] < 0.05
     assert median_error["fp8"] > 3 * median_error["int8"]
+
+
+# -- the fused kernel (server/model/decode_attention.py) ------------------------------------------------------
+
+
+@pytest.fixture
+def triton_interpreter(monkeypatch):
+    """Triton's interpreter runs the CUDA kernel's code on the CPU (set before the kernel is first built)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(decode_attention, "_kernel", None)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy, inside Triton's interpreter
+@pytest.mark.parametrize("stored", ["float32", "int8"])
+def test_the_fused_kernel_reads_each_row_over_its_own_entries(triton_interpreter, stored):
+    torch.manual_seed(3)
+    block = decode_attention.BLOCK_N
+    lengths = torch.tensor([0, 1, block - 1, block, block + 1, 3 * block])
+    batch, heads, capacity, dim = len(lengths), 2, 3 * block, 16
+    if stored == "int8":
+        cache = torch.randint(-127, 128, (2, batch, heads, capacity, dim), dtype=torch.int8)
+        scales = 0.02 * torch.rand(2, batch, heads, capacity, 1)
+    else:
+        cache, scales = torch.randn(2, batch, heads, capacity, dim), None
+    q = torch.randn(batch, heads, dim)
+    assert decode_attention.kernel_available(q.device)
+    got = decode_attention.attend(q, cache, scales, lengths, capacity)
+    expected = decode_attention.reference(q, cache, scales, lengths, capacity)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    assert got[0].abs().max() == 0  # no entries (a row that does not execute): zeros, not NaN
+    # Entries past a row's length are never read: garbage there changes nothing.
+    spoiled = cache.clone()
+    for row, length in enumerate(lengths.tolist()):
+        spoiled[:, row, :, length:] = 100 if stored == "int8" else float("nan")
+    assert torch.equal(decode_attention.attend(q, spoiled, scales, lengths, capacity), got)
+    # A row's result does not depend on its neighbours: the same row alone is the same, bit for bit.
+    alone = decode_attention.attend(q[4:5], cache[:, 4:5].contiguous(), None if scales is None else
+                                    scales[:, 4:5].contiguous(), lengths[4:5], capacity)
+    assert torch.equal(alone[0], got[4])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy, inside Triton's interpreter
+def test_fused_attention_follows_moshis_ring_and_hands_moshis_forward_back(monkeypatch):
+    """The tiny model past its ring's wrap: our attention (torch's reference of the kernel here) against
+    moshi's; then a few steps with the kernel itself (Triton's interpreter) against that reference."""
+    model = load_model(ModelSource("tiny"), torch.device("cpu"), torch.float32)
+
+    def run(kv: KvOptions, steps: int) -> tuple[list[list[SlotOutput]], list[torch.Tensor]]:
+        stepper = make(model, kv)
+        logits: list[torch.Tensor] = []
+        stepper.generator.on_text_logits_hook = lambda values: logits.append(values[0].flatten().clone())
+        try:
+            return drive(stepper, steps), logits
+        finally:
+            stepper.close()
+
+    ring, ring_logits = run(KvOptions(), 120)
+    fused, fused_logits = run(KvOptions("fused"), 120)
+    for a, b in zip(ring_logits, fused_logits, strict=True):
+        assert torch.allclose(a, b, atol=1e-4 * float(a.std()))  # summed in another order: 2e-6 measured
+    assert [[o.text for o in row] for row in ring] == [[o.text for o in row] for row in fused]
+    # Closing the stepper gave moshi its forward back: the same model then runs moshi's attention again.
+    assert all("forward" not in vars(layer.self_attn) for layer in model.lm.transformer.layers)
+    assert identical(run(KvOptions(), 120)[0], ring)
+
+    if importlib.util.find_spec("triton") is None:
+        return
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(decode_attention, "_kernel", None)
+    kernel, kernel_logits = run(KvOptions("fused", "int8"), 8)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    reference, reference_logits = run(KvOptions("fused", "int8"), 8)
+    for a, b in zip(reference_logits, kernel_logits, strict=True):
+        assert torch.allclose(a, b, atol=1e-4 * float(a.std()))
+    assert [[o.text for o in row] for row in kernel] == [[o.text for o in row] for row in reference]

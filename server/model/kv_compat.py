@@ -28,6 +28,7 @@ transformer; all are checked against the pinned moshi version.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -39,9 +40,11 @@ from moshi.modules import transformer as moshi_transformer
 from moshi.modules.transformer import KVCacheResult, RingKVCache
 from moshi.utils.compile import CUDAGraphed
 
+from . import decode_attention
 from .moshi_compat import MoshiChanged, check_version
 
 KV_STORAGES = ("model", "fp8", "int8")
+KV_ATTENTIONS = ("ring", "window", "fused")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 KV_DTYPES = {"fp8": FP8, "int8": torch.int8}  # storages other than the model's own dtype
@@ -52,15 +55,30 @@ WINDOW_FRACTIONS = (16, 8, 4, 2, 1)  # buckets: capacity / each, rounded up
 class KvOptions:
     """How the LM's main transformer keeps and reads its KV cache (see the module docstring)."""
 
-    window: bool = False
+    attention: str = "ring"
     storage: str = "model"
 
     def __post_init__(self) -> None:
+        if self.attention not in KV_ATTENTIONS:
+            raise ValueError(f"KV attention must be one of {', '.join(KV_ATTENTIONS)}, not {self.attention!r}")
         if self.storage not in KV_STORAGES:
             raise ValueError(f"KV cache storage must be one of {', '.join(KV_STORAGES)}, not {self.storage!r}")
+        if self.attention == "fused" and self.storage == "fp8":
+            raise ValueError("the fused attention reads int8 or the model's dtype, not fp8")
+
+    @property
+    def window(self) -> bool:
+        """Attention through moshi's SDPA over a window of buckets, one CUDA graph per bucket."""
+        return self.attention == "window"
+
+    @property
+    def fused(self) -> bool:
+        """Attention through our kernel, each slot over its own filled entries (decode_attention)."""
+        return self.attention == "fused"
 
     def describe(self) -> str:
-        reads = "the filled window" if self.window else "the whole ring"
+        reads = {"ring": "the whole ring", "window": "the filled window",
+                 "fused": "each call's own filled entries (fused kernel)"}[self.attention]
         return f"KV cache: {self.storage} storage, attention over {reads}"
 
 
@@ -143,25 +161,79 @@ class WindowedRingKVCache(RingKVCache):
             return values.to(self.compute_dtype) * self.scales[which, :, :, :length]
         return values
 
-    def complete(self, k: torch.Tensor, v: torch.Tensor, exec_mask: torch.Tensor) -> KVCacheResult:
+    def _write_entries(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write this step's entries at each row's end; returns the index of the last one written [B, 1]."""
         batch, heads, steps, dim = k.shape
-        length = self.window.length
-        if steps != 1 and length < self.capacity:
-            raise RuntimeError(f"a windowed KV cache takes one frame per step, got {steps}")
         end = self.end_offset.view(-1, 1)
         written = (torch.arange(steps, device=end.device) + end) % self.capacity  # [B, T]
         index = written.view(batch, 1, steps, 1).expand(-1, heads, steps, dim)
         self._write(0, index, k)
         self._write(1, index, v)
+        return end + steps - 1
+
+    def complete(self, k: torch.Tensor, v: torch.Tensor, exec_mask: torch.Tensor) -> KVCacheResult:
+        """moshi's contract (for its scaled_dot_product_attention): keys, values and their positions."""
+        steps = k.shape[2]
+        length = self.window.length
+        if steps != 1 and length < self.capacity:
+            raise RuntimeError(f"a windowed KV cache takes one frame per step, got {steps}")
+        last = self._write_entries(k, v)
         keys, values = self._read(0, length), self._read(1, length)
         # Positions as moshi computes them, over the first `length` entries only.
-        indexes = torch.arange(length, device=end.device)
-        last = end + steps - 1
+        indexes = torch.arange(length, device=last.device)
         delta = indexes - last % self.capacity
         positions = torch.where(delta <= 0, last + delta, last + delta - self.capacity)
         self.end_offset[:] = torch.where(exec_mask, self.end_offset + steps, self.end_offset)
         positions = torch.where(indexes >= self.end_offset.view(-1, 1), torch.full_like(positions, -1), positions)
         return KVCacheResult(keys, values, positions)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, exec_mask: torch.Tensor) -> torch.Tensor:
+        """The fused path: write one frame's entries, then attend each row over its own filled entries
+        (server.model.decode_attention). q, k, v: [B, H, 1, D]; returns [B, H, D]."""
+        self._write_entries(k, v)
+        self.end_offset[:] = torch.where(exec_mask, self.end_offset + 1, self.end_offset)
+        lengths = self.end_offset.clamp(max=self.capacity)
+        return decode_attention.attend(q[:, :, 0].contiguous(), self.cache, self.scales, lengths, self.window.length)
+
+
+def fuse_attention(lm: LMModel) -> Callable[[], None]:
+    """Run the main transformer's attention through `WindowedRingKVCache.attend` for one-frame steps
+    (moshi's forward otherwise); returns what puts moshi's own forward back."""
+    check_version()
+    restore = []
+    for layer in lm.transformer.layers:
+        attention = layer.self_attn
+        cache = getattr(getattr(attention, "_streaming_state", None), "kv_cache", None)
+        if not isinstance(cache, WindowedRingKVCache):
+            raise RuntimeError("fuse_attention needs the stepper's own KV caches (enter streaming in building_caches)")
+        if attention.cross_attention or not attention.causal or attention.kv_repeat != 1 or attention.weights_per_step:
+            raise MoshiChanged("the main transformer's attention is not plain causal self-attention")
+        attention.forward = functools.partial(_fused_forward, attention, cache, attention.forward)
+        restore.append(attention)
+
+    def put_back() -> None:
+        for attention in restore:
+            del attention.forward  # the instance attribute: the class's forward shows through again
+    return put_back
+
+
+def _fused_forward(attention: Any, cache: WindowedRingKVCache, moshi_forward: Callable[..., torch.Tensor],
+                   query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """moshi's StreamingMultiheadAttention.forward for a streaming one-frame step, with our attention."""
+    state = attention._streaming_state
+    batch, steps = query.shape[:2]
+    if state is None or steps != 1:
+        return moshi_forward(query, key, value)
+    heads = attention.num_heads
+    projected = attention.in_projs[0](query)  # [B, 1, 3 * H * D]
+    q, k, v = projected.view(batch, 1, 3, heads, -1).permute(2, 0, 3, 1, 4)  # each [B, H, 1, D]
+    if attention.rope:
+        q, k = attention.rope(q, k, state.offset, time_before_heads=False)
+    x = cache.attend(q, k, v, state.exec_mask)  # [B, H, D]
+    x = attention.out_projs[0](x.reshape(batch, 1, -1))
+    state.offset[:] = torch.where(state.exec_mask, state.offset + 1, state.offset)
+    state.offset_cpu += 1
+    return x
 
 
 def main_capacity(lm: LMModel) -> int:

@@ -105,7 +105,7 @@ class MoshiStepper(NoPrompts):
         )
         lm = model.lm
         self.kv = kv
-        self.kv_window = kv_compat.KvWindow(batch_size, kv_compat.main_capacity(lm), enabled=kv.window)
+        self.kv_window = kv_compat.KvWindow(batch_size, kv_compat.main_capacity(lm), enabled=kv.attention != "ring")
         gen_kwargs = sampling_config.lm_gen_kwargs(model.lm_gen_config)
         self.generator = self._make_generator(model, gen_kwargs)
         self.noise: sampling.SlotNoise | None = None
@@ -137,6 +137,8 @@ class MoshiStepper(NoPrompts):
                 with kv_compat.building_caches(self.kv_window, kv.storage):
                     self._streaming.enter_context(self.generator.streaming(batch_size))
                 self._graph_by_window()
+                if kv.fused:
+                    self._streaming.callback(kv_compat.fuse_attention(lm))
         except BaseException:
             self._streaming.close()
             raise
@@ -269,7 +271,7 @@ class MoshiStepper(NoPrompts):
             self.step(silence, rows)
         # A windowed cache reads a different length per bucket, and each length is its own CUDA graph:
         # two steps at each (the first runs eagerly, the second captures) so no call waits for a capture.
-        for length in self.kv_window.buckets[1:] if self.kv_window.enabled else []:
+        for length in self.kv_window.buckets[1:] if self.kv.window else []:
             with self.kv_window.at_least(length):
                 for _ in range(2):
                     self.step(silence, rows)

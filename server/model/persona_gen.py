@@ -85,6 +85,7 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
         top_k: int = 250,
         top_k_text: int = 25,
         window: KvWindow | None = None,
+        graph_by_window: bool = False,
     ):
         assert not lm.training, "generation runs in eval mode"
         if lm.n_q != lm.dep_q or lm.dep_q % 2:
@@ -103,6 +104,7 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
         self.cache_length = self.max_delay + 3
         # The host's count of the backbone's filled KV entries; a windowed one reads only those.
         self.window = window
+        self.graph_by_window = graph_by_window and window is not None
         # Set to record backbone input embeddings (eager steps only): how precomputed voices are made.
         self.embedding_tap: Callable[[torch.Tensor], None] | None = None
         # Set to see each step's text logits [B, 1, 1, text_card] and the model's own choices [B, K] before a
@@ -126,7 +128,7 @@ class PersonaGen(StreamingModule[_PersonaGenState]):
             offsets=torch.zeros(batch_size, device=lm.device, dtype=torch.long),
             offsets_host=np.zeros(batch_size, dtype=np.int64),
             graphed_backbone=(GraphsByWindow(self._backbone, self.window, disable=not on_cuda)
-                              if self.window is not None and self.window.enabled
+                              if self.graph_by_window
                               else CUDAGraphed(self._backbone, disable=not on_cuda)),
             graphed_depth=CUDAGraphed(self._depth, disable=not on_cuda),
             no_embedding=torch.zeros(batch_size, 1, lm.dim, device=lm.device, dtype=lm.dtype),

@@ -92,7 +92,7 @@ class PersonaStepper(MoshiStepper):
                  ", ".join(sorted(self.prompt_book.voices)) or "none", self.prompt_book.default_voice)
 
     def _make_generator(self, model: LoadedModel, gen_kwargs: dict) -> PersonaGen:
-        return PersonaGen(model.lm, **gen_kwargs, window=self.kv_window)
+        return PersonaGen(model.lm, **gen_kwargs, window=self.kv_window, graph_by_window=self.kv.window)
 
     def _graph_by_window(self) -> None:
         pass  # PersonaGen graphs its backbone per window length itself
