@@ -109,7 +109,7 @@ def time_batch(model: LoadedModel, batch: int, steps: int, warmup: int, busy: bo
         rows = np.ones(batch, dtype=bool)
         stepper.reset_slots(list(range(batch)), list(range(batch)))
         if age and KV_VARIANTS[kv] != KV_VARIANTS["ring"]:
-            age_slots(model.lm, stepper.kv_window, age)
+            age_slots(model.lm, stepper.kv_window, age)  # every slot, its ring zeroed
         kv_bytes = kv_bytes_per_slot(model.lm)
         with busy_thread(busy):
             timed_steps(stepper, rows, rng, warmup)

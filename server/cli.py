@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache", choices=["model", "int8", "fp8"], default="model",
                        help="KV cache storage: the model's dtype (default), int8 with a scale per head and entry "
                             "(half the memory per call, logits close to bf16), or fp8 e4m3 (half, coarser)")
+    serve.add_argument("--bench-kv-age", type=int, default=0, metavar="FRAMES",
+                       help="benchmarks only: every call starts FRAMES frames old to the LM's attention (3000: its "
+                            "ring full, a call past 4 minutes), with a zeroed history; needs a --kv option")
     serve.add_argument("--ice-server", action="append", default=[], metavar="URL",
                        help="STUN/TURN server for both sides, e.g. stun:host:3478 or turn:user:pass@host:3478 "
                             "(repeatable)")
@@ -193,9 +196,13 @@ def _engine_for(args: argparse.Namespace, model: str):
                          lora_weight=args.lora_weight)
     sampling = SamplingConfig(use_sampling=False if args.greedy else None, temp=args.temp, temp_text=args.temp_text,
                               top_k=args.top_k, top_k_text=args.top_k_text)
+    try:
+        kv = KvOptions(args.kv_attention, args.kv_cache, args.bench_kv_age)
+    except ValueError as exc:
+        raise SystemExit(f"moshi-webrtc serve: {exc}") from None
     return create_engine(source, max_calls=args.max_calls, max_backlog_frames=args.max_backlog_frames,
                          device=args.device, sampling=sampling, cpu_threads=args.cpu_threads,
-                         voices=_voice_options(args, model), kv=KvOptions(args.kv_attention, args.kv_cache))
+                         voices=_voice_options(args, model), kv=kv)
 
 
 def _voice_options(args: argparse.Namespace, model: str):

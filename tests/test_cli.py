@@ -69,6 +69,14 @@ def test_serve_and_call_from_the_command_line(tmp_path, kv_options):
         assert server.wait(timeout=20) == 0
 
 
+def test_serve_refuses_kv_options_that_do_not_go_together():
+    done = subprocess.run([str(BIN), "serve", "--model", "tiny", "--port", str(free_port()), "--kv-attention", "fused",
+                           "--kv-cache", "fp8"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, NO_TORCH_COMPILE="1"))
+    assert done.returncode == 1
+    assert "the fused attention reads int8 or the model's dtype, not fp8" in done.stderr
+
+
 def test_serve_refuses_a_model_that_does_not_fit(tmp_path):
     from server.model.tiny_model import write_tiny_checkpoint
 

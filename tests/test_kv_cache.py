@@ -241,3 +241,33 @@ def test_fused_attention_follows_moshis_ring_and_hands_moshis_forward_back(monke
     for a, b in zip(reference_logits, kernel_logits, strict=True):
         assert torch.allclose(a, b, atol=1e-4 * float(a.std()))
     assert [[o.text for o in row] for row in kernel] == [[o.text for o in row] for row in reference]
+
+
+def test_a_call_made_old_for_a_benchmark_reads_a_full_ring_of_zeros_never_an_earlier_call():
+    model = load_model(ModelSource("tiny"), torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="own KV caches"):
+        KvOptions(bench_age=150)
+    old = KvOptions("fused", bench_age=150)  # past the tiny ring's 100 frames
+
+    def call_b(stepper: MoshiStepper) -> list[SlotOutput]:
+        stepper.reset_slots([0], [7])
+        assert stepper.kv_window.filled[0] == 100
+        assert all(int(c.end_offset[0]) == 150 for c in windowed_caches(model.lm))
+        rng = np.random.default_rng(11)
+        rows = np.array([True, False, False])
+        return [stepper.step((0.1 * rng.standard_normal((BATCH, stepper.frame_size))).astype(np.float32),
+                             rows)[0] for _ in range(20)]
+
+    after_another = make(model, old)
+    try:
+        drive(after_another, 30)  # call A fills slot 0's ring first
+        b_after_a = call_b(after_another)
+    finally:
+        after_another.close()
+    fresh = make(model, old)
+    try:
+        b_alone = call_b(fresh)
+    finally:
+        fresh.close()
+    assert sum(o.audio is not None for o in b_alone) > 10
+    assert identical([b_after_a], [b_alone])  # call A left nothing in the slot B was made old in

@@ -57,6 +57,7 @@ class KvOptions:
 
     attention: str = "ring"
     storage: str = "model"
+    bench_age: int = 0  # benchmarks only: every call starts this many frames old (3000: its ring full)
 
     def __post_init__(self) -> None:
         if self.attention not in KV_ATTENTIONS:
@@ -65,6 +66,9 @@ class KvOptions:
             raise ValueError(f"KV cache storage must be one of {', '.join(KV_STORAGES)}, not {self.storage!r}")
         if self.attention == "fused" and self.storage == "fp8":
             raise ValueError("the fused attention reads int8 or the model's dtype, not fp8")
+        if self.bench_age and (self.attention, self.storage) == ("ring", "model"):
+            raise ValueError("calls made old for a benchmark need the stepper's own KV caches (an attention or "
+                             "storage option); moshi's ring costs the same at any age")
 
     @property
     def window(self) -> bool:
@@ -316,18 +320,22 @@ def kv_bytes_per_slot(lm: LMModel) -> int:
     return len(lm.transformer.layers) * 2 * lm.dim * main_capacity(lm) * itemsize
 
 
-def age_slots(lm: LMModel, window: KvWindow, frames: int) -> None:
-    """Make every slot look `frames` frames old to the main transformer (benchmarks: a call past four
-    minutes reads its whole ring). The ring's contents stay what they are; only the cost is real."""
+def age_slots(lm: LMModel, window: KvWindow, frames: int, rows: np.ndarray | None = None) -> None:
+    """Make slots (`rows`, default all) look `frames` frames old to the main transformer (benchmarks: a call
+    past four minutes reads its whole ring). Their ring entries are zeroed, never another call's: only the
+    cost is real."""
     check_version()
     caches = windowed_caches(lm)
     if not caches:
-        raise RuntimeError("age_slots needs the stepper's windowed KV caches (KvOptions)")
+        raise RuntimeError("age_slots needs the stepper's own KV caches (KvOptions)")
+    selected = torch.ones(window.batch_size, dtype=torch.bool) if rows is None else torch.from_numpy(rows)
+    selected = selected.to(caches[0].end_offset.device)
     for layer in lm.transformer.layers:
         state = getattr(layer.self_attn, "_streaming_state", None)
         if state is None or not isinstance(getattr(state, "offset", None), torch.Tensor):
             raise MoshiChanged("moshi's attention streaming state no longer keeps a per-row `offset`")
-        state.offset.fill_(frames)
+        state.offset[selected] = frames
     for cache in caches:
-        cache.end_offset.fill_(frames)
-    window.filled[:] = min(frames, window.capacity)
+        cache.end_offset[selected] = frames
+        cache.cache[:, selected] = 0
+    window.filled[selected.cpu().numpy()] = min(frames, window.capacity)

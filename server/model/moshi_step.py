@@ -103,7 +103,7 @@ class MoshiStepper(NoPrompts):
             notice=model.notice,
             layout=self.layout.describe(),
         )
-        lm = model.lm
+        lm = self.lm = model.lm
         self.kv = kv
         self.kv_window = kv_compat.KvWindow(batch_size, kv_compat.main_capacity(lm), enabled=kv.attention != "ring")
         gen_kwargs = sampling_config.lm_gen_kwargs(model.lm_gen_config)
@@ -173,6 +173,8 @@ class MoshiStepper(NoPrompts):
         self.mimi.reset_streaming(mask)
         self.generator.reset_streaming(mask)
         self.kv_window.reset(rows)
+        if self.kv.bench_age:
+            kv_compat.age_slots(self.lm, self.kv_window, self.kv.bench_age, rows)
         self._frames_seen[rows] = 0
         if self.noise is not None:
             for slot, seed in zip(slots, seeds, strict=True):
