@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from server.model.check import read_layout  # noqa: E402
+from server.model.decode_attention import kernel_available  # noqa: E402
 from server.model.kv_compat import KvOptions, age_slots, kv_bytes_per_slot  # noqa: E402
 from server.model.moshi_step import MoshiStepper, SamplingConfig  # noqa: E402
 from server.model.persona_step import PersonaStepper, VoiceOptions, synthetic_voices  # noqa: E402
@@ -405,6 +406,7 @@ def main() -> None:
             "busy_thread": args.busy_thread,
             "switch_interval_ms": 1000 * sys.getswitchinterval(),
             "kv_cache_gib_per_slot": round(kv_bytes_per_slot(model.lm) / GIB, 3),  # moshi's ring
+            "fused_attention": "triton kernel" if kernel_available(device) else "torch reference",
         }
         if device.type == "cuda":
             header["weights_gib"] = round(torch.cuda.memory_allocated(device) / GIB, 2)

@@ -5,6 +5,8 @@
 #   bench/gpu_host.sh env tests masked sweep            # correctness, then moshiko's step time and capacity
 #   bench/gpu_host.sh persona profile load               # PersonaPlex, where a step's time goes, the whole system
 #   bench/gpu_host.sh echo64 workers                     # media worker processes: 64 echo calls, moshiko calls
+#   bench/gpu_host.sh env kvtests agreement kv kvload    # issue 24: the KV cache options (kv_compat), their
+#                                                        # correctness, accuracy, step time by age, whole system
 #
 # A GPU host without a package registry takes moshi, aiortc, av and their small dependencies as wheels
 # from .whl/ (ignored by git), all --no-deps. For the lent H100/H200 image (Python 3.12, torch 2.11) these
@@ -28,6 +30,9 @@ LOAD_CALLS="${LOAD_CALLS:-1,4,8,16,24,32}"
 LOAD_SECONDS="${LOAD_SECONDS:-15}"
 SWEEP="${SWEEP:-1,2,4,8,16,24,32,40,48,64}"
 PROFILE_BATCH="${PROFILE_BATCH:-16}"
+KV_VARIANTS="${KV_VARIANTS:-ring,window,fused,fused-int8}"
+KV_BATCHES="${KV_BATCHES:-16,32,48,64}"
+KV_LOAD="${KV_LOAD:---kv-attention fused --kv-cache int8}"
 
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2
@@ -41,7 +46,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 
 for name in "$@"; do
   case "$name" in
-    env) stage env 60 bash -c "nvidia-smi; $PYTHON -c 'import torch, moshi, aiortc, av; print(torch.__version__, torch.version.cuda, moshi.__version__, aiortc.__version__, av.__version__)'" ;;
+    env) stage env 60 bash -c "nvidia-smi; $PYTHON -c 'import torch, moshi, aiortc, av, triton; print(torch.__version__, torch.version.cuda, moshi.__version__, aiortc.__version__, av.__version__, triton.__name__, triton.__version__)'" ;;
     tests) stage tests 300 "$PYTHON" -m pytest tests/test_cuda.py -v -p no:cacheprovider -p no:asyncio ;;
     masked) CUDA_LAUNCH_BLOCKING=1 stage masked 150 "$PYTHON" -m pytest tests/test_cuda.py -k masked -v -p no:cacheprovider -p no:asyncio ;;
     sweep) stage sweep 240 "$PYTHON" bench/engine_step.py --real-size --batches "$SWEEP" ;;
@@ -63,6 +68,20 @@ for name in "$@"; do
         stage "echo64-$w" 200 "$PYTHON" bench/load.py --model echo --calls "${ECHO_CALLS:-64}" --seconds "$LOAD_SECONDS" \
           --callers-per-process 8 --server-args "--media-workers $w"
       done ;;
+    kvtests)  # every batched property with the fused kernel, and the window across its lengths
+      stage kvtests 330 "$PYTHON" -m pytest tests/test_cuda.py -v -p no:cacheprovider -p no:asyncio \
+        -k "${KV_TESTS:-fused-int8 or window_equals}" ;;
+    agreement) stage agreement 240 "$PYTHON" bench/kv_agreement.py --real-size --steps "${AGREEMENT_STEPS:-500}" \
+      --variants "${AGREEMENT_VARIANTS:-int8,fused,fused-int8}" ;;
+    kv)  # the KV options side by side per batch, fresh calls and calls whose rings are full (age 3000)
+      stage kv 360 "$PYTHON" bench/engine_step.py --real-size --kv "$KV_VARIANTS" --ages 0,3000 \
+        --batches "$KV_BATCHES" --steps 50 --warmup 5 ;;
+    kvpersona) stage kvpersona 300 "$PYTHON" bench/engine_step.py --real-size --persona --kv ring,fused-int8 \
+      --ages 0,3000 --batches "${KV_PERSONA_BATCHES:-16,32}" --steps 50 --warmup 5 --prompt-batches 1 ;;
+    kvload)  # the whole system: 64 calls, every ring full, media in 8 workers
+      stage kvload 300 "$PYTHON" bench/load.py --model random-moshiko --calls "${KV_LOAD_CALLS:-64}" \
+        --seconds "$LOAD_SECONDS" --callers-per-process 8 \
+        --server-args "--media-workers 8 $KV_LOAD --bench-kv-age 3000" ;;
     *) echo "unknown stage $name" >&2; exit 2 ;;
   esac
 done

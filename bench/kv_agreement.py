@@ -1,4 +1,4 @@
-"""The 8-bit KV caches against the model's own dtype: text logit error and greedy token agreement.
+"""The KV cache options against moshi's own cache: text logit error and greedy token agreement.
 
     ./run bench kv_agreement                   # tiny moshiko and PersonaPlex layouts on the CPU (float32)
     ./run bench kv_agreement --real-size       # their real architectures, random weights (bf16 on CUDA)
@@ -8,7 +8,8 @@ cache) records every token it chooses. Each other storage is then teacher-forced
 reference's tokens (its own choices are recorded, then replaced), so every step's logits are compared on
 the same history; two free runs would part at the first near-tie and compare nothing after it.
 
-Per storage, over `--steps` (600) steps: the text logits' error (largest |difference| over the
+The 8-bit storages, and the fused kernel (its own summation order, in float32), are each compared with the
+reference. Per variant, over `--steps` (600) steps: the text logits' error (largest |difference| over the
 reference logits' spread: median, p99 and worst step), and greedy agreement: the share of steps whose
 text token, and of (step, codebook) pairs whose model audio token, equal the reference's.
 """
@@ -33,6 +34,14 @@ from server.model.persona_gen import UNGENERATED  # noqa: E402
 from server.model.persona_step import PersonaStepper, VoiceOptions, synthetic_voices  # noqa: E402
 from server.model.random_model import RANDOM_MOSHIKO, RANDOM_PERSONAPLEX, build_random_model  # noqa: E402
 from server.model.source import LoadedModel, ModelSource, load_model  # noqa: E402
+
+VARIANTS = {  # the fused kernel runs on CUDA; elsewhere its torch reference
+    "int8": KvOptions(storage="int8"),
+    "fp8": KvOptions(storage="fp8"),
+    "fused": KvOptions("fused"),
+    "fused-int8": KvOptions("fused", "int8"),
+    "window": KvOptions("window"),
+}
 
 
 class Record:
@@ -126,7 +135,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--real-size", action="store_true", help="the 7B architectures, random weights")
     parser.add_argument("--layouts", default="moshiko,personaplex")
-    parser.add_argument("--storages", default="int8,fp8")
+    parser.add_argument("--variants", default="int8,fp8,fused,fused-int8",
+                        help="KV options against the reference (moshi's ring in the model's dtype): " +
+                             ", ".join(VARIANTS))
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--lm-layers", type=int, default=None, help="smoke runs only: fewer LM layers")
@@ -148,8 +159,8 @@ def main() -> None:
         report = {"layout": layout, "model": model.name, "device": str(device),
                   "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
                   "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-        for storage in args.storages.split(","):
-            report[storage] = compare(reference, run(model, KvOptions(storage=storage), codes, reference))
+        for name in args.variants.split(","):
+            report[name] = compare(reference, run(model, VARIANTS[name], codes, reference))
         # The check of the check: the reference storage forced with its own tokens agrees with itself.
         report["model (self-check)"] = compare(reference, run(model, KvOptions(), codes, reference))
         print(json.dumps(report), flush=True)
