@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = ["server.audio", "server.model", "server.engine", "server.media", "signaling", "tools"]
 TOOLS = {"server.cli", "server.caller", "server.worker"}
 COMPAT_MODULES = {"server.media.aiortc_compat", "server.media.ice_compat", "server.media.sctp_compat",
-                  "server.model.moshi_compat"}
+                  "server.model.moshi_compat", "server.model.kv_compat"}
 
 
 def _modules() -> dict[str, ast.Module]:
