@@ -1,28 +1,33 @@
-"""The LM's KV cache, our way: attention over the filled part of each slot's ring, optional fp8 storage.
+"""The LM's KV cache, our way: attention over the filled part of each slot's ring, 8-bit storage.
 
 moshi 0.2.13's `RingKVCache` hands attention the whole ring (the 7B's 3000
 frames, four minutes) at every step, for every slot, however young the call:
 on an H100 that is the +0.66 ms per slot a step costs. Its storage is the
 model's dtype (bf16: 1.485 GiB per slot at 7B size).
 
-Two options replace the main transformer's caches (never the depth
-transformer's, never Mimi's), each off by default:
+`KvOptions` replaces the main transformer's caches (never the depth
+transformer's, never Mimi's); by default nothing is replaced.
 
-- `window`: attention reads only the first L entries of every ring, L the
-  smallest bucket (a sixteenth, an eighth, a quarter, a half or all of the
-  ring) covering the most filled ring among the slots that execute. The host
-  counts each slot's filled entries (`KvWindow`), so choosing L costs no
-  device sync. Entries past a slot's fill are masked out anyway, so the
-  result is the same as attending over the whole ring. A ring that has
-  wrapped is read whole: a full ring's cost is today's, never more. On CUDA
-  each bucket has its own graph, captured during warm-up.
-- `storage="fp8"`: keys and values are stored as float8 e4m3 (clamped to its
-  range), half the memory per slot; attention reads them back in the model's
-  dtype. Evidence against bf16: bench/kv_agreement.py.
+- attention `window`: moshi's attention over the first L entries of every
+  ring only, L the smallest bucket (a sixteenth, an eighth, a quarter, a half
+  or all of the ring) covering the most filled ring among the slots that
+  step. The host counts each slot's filled entries (`KvWindow`), so choosing L
+  costs no device sync. Entries past a slot's fill are masked out anyway, so
+  the result is the whole ring's, bit for bit. A ring that has wrapped is read
+  whole: a full ring costs what it costs today. On CUDA each bucket has its
+  own graph, captured during warm-up.
+- attention `fused`: our own attention for one-frame steps
+  (server.model.decode_attention), each slot over its own filled entries, the
+  lengths counted on the device (one graph for all).
+- storage `int8` (a scale per head and entry) or `fp8` (e4m3, clamped to its
+  range): half the memory per slot. moshi's attention and the window widen
+  them to the model's dtype in memory; the fused kernel reads them as stored.
+  Evidence against the model's dtype: bench/kv_agreement.py.
 
 This is the one place that knows moshi's cache class, the module global its
-attention builds caches from, and LMGen's private graph of the main
-transformer; all are checked against the pinned moshi version.
+attention builds caches from, its attention's streaming state and LMGen's
+private graph of the main transformer; all are checked against the pinned
+moshi version.
 """
 
 from __future__ import annotations
@@ -132,7 +137,8 @@ class KvWindow:
 
 
 class WindowedRingKVCache(RingKVCache):
-    """moshi's ring cache, read over the window's length only, stored in the model's dtype or in fp8."""
+    """moshi's ring cache, read over the window's length only (or by the fused kernel), stored in the model's
+    dtype, int8 or fp8."""
 
     def __init__(self, batch_size: int, num_heads: int, dim_per_head: int, capacity: int,
                  window: KvWindow, storage: str, device: torch.device, dtype: torch.dtype):
