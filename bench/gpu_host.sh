@@ -69,7 +69,7 @@ for name in "$@"; do
           --callers-per-process 8 --server-args "--media-workers $w"
       done ;;
     kvtests)  # every batched property with the fused kernel, and the window across its lengths
-      stage kvtests 330 "$PYTHON" -m pytest tests/test_cuda.py -v -p no:cacheprovider -p no:asyncio \
+      stage kvtests 420 "$PYTHON" -m pytest tests/test_cuda.py -v -p no:cacheprovider -p no:asyncio \
         -k "${KV_TESTS:-fused-int8 or window_equals}" ;;
     agreement) stage agreement 240 "$PYTHON" bench/kv_agreement.py --real-size --steps "${AGREEMENT_STEPS:-500}" \
       --variants "${AGREEMENT_VARIANTS:-int8,fused,fused-int8}" ;;
