@@ -5,7 +5,7 @@
 #   bench/gpu_host.sh env tests masked sweep            # correctness, then moshiko's step time and capacity
 #   bench/gpu_host.sh persona profile load               # PersonaPlex, where a step's time goes, the whole system
 #   bench/gpu_host.sh echo64 workers                     # media worker processes: 64 echo calls, moshiko calls
-#   bench/gpu_host.sh env kvtests agreement kv kvload    # issue 24: the KV cache options (kv_compat), their
+#   bench/gpu_host.sh env kvtests kv; ... agreement kvload profile   # issue 24: the KV cache options, their
 #                                                        # correctness, accuracy, step time by age, whole system
 #
 # A GPU host without a package registry takes moshi, aiortc, av and their small dependencies as wheels
