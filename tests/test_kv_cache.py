@@ -52,6 +52,18 @@ def drive(stepper: MoshiStepper, steps: int = STEPS) -> list[list[SlotOutput]]:
     return kept
 
 
+def drive_with_logits(model: LoadedModel, kv: KvOptions, steps: int) -> tuple[list[list[SlotOutput]],
+                                                                              list[torch.Tensor]]:
+    """`drive` on a new stepper with `kv` (closed after), and slot 0's text logits at each step."""
+    stepper = make(model, kv)
+    logits: list[torch.Tensor] = []
+    stepper.generator.on_text_logits_hook = lambda values: logits.append(values[0].flatten().clone())
+    try:
+        return drive(stepper, steps), logits
+    finally:
+        stepper.close()
+
+
 def identical(a: list[list[SlotOutput]], b: list[list[SlotOutput]]) -> bool:
     for row_a, row_b in zip(a, b, strict=True):
         for x, y in zip(row_a, row_b, strict=True):
@@ -145,20 +157,10 @@ def test_int8_logits_stay_close_to_the_model_dtype():
     the chaotic random tiny model's paths part (bench/kv_agreement.py measures 500+ steps at real size)."""
     model = load_model(ModelSource("tiny"), torch.device("cpu"), torch.float32)
 
-    def text_logits(kv: KvOptions) -> list[torch.Tensor]:
-        stepper = make(model, kv)
-        logits: list[torch.Tensor] = []
-        stepper.generator.on_text_logits_hook = lambda values: logits.append(values[0].flatten().clone())
-        try:
-            drive(stepper, 40)
-        finally:
-            stepper.close()
-        return logits
-
-    reference = text_logits(KvOptions())
+    reference = drive_with_logits(model, KvOptions(), 40)[1]
     median_error = {}
     for storage in ("int8", "fp8"):
-        other = text_logits(KvOptions(storage=storage))
+        other = drive_with_logits(model, KvOptions(storage=storage), 40)[1]
         errors = [float((a - b).abs().max() / a.std()) for a, b in zip(reference, other, strict=True)]
         assert len(errors) > 30
         median_error[storage] = float(np.median(errors))
@@ -214,13 +216,7 @@ def test_fused_attention_follows_moshis_ring_and_hands_moshis_forward_back(monke
     model = load_model(ModelSource("tiny"), torch.device("cpu"), torch.float32)
 
     def run(kv: KvOptions, steps: int) -> tuple[list[list[SlotOutput]], list[torch.Tensor]]:
-        stepper = make(model, kv)
-        logits: list[torch.Tensor] = []
-        stepper.generator.on_text_logits_hook = lambda values: logits.append(values[0].flatten().clone())
-        try:
-            return drive(stepper, steps), logits
-        finally:
-            stepper.close()
+        return drive_with_logits(model, kv, steps)
 
     ring, ring_logits = run(KvOptions(), 120)
     fused, fused_logits = run(KvOptions("fused"), 120)
